@@ -1,0 +1,130 @@
+"""`python -m mlx_gemma3n.generate`: generate text from the command line, or chat (`--chat`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import mlx.core as mx
+
+from . import load
+from .cache import kv_cache_bytes, load_prompt_cache, save_prompt_cache
+from .errors import Gemma3nError
+from .generate import Session, prompt_token_ids, sampling_params
+from .sampling import SamplingParams
+
+DEFAULT_MODEL = "google/gemma-3n-E2B-it"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.generate", description=__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hugging Face hub id")
+    parser.add_argument("--prompt", "-p", help="the prompt; '-' reads it from stdin")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--max-tokens", "-m", type=int, default=256)
+    parser.add_argument("--temp", type=float, help="sampling temperature (0 = greedy; default: the model's)")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="cast the weights")
+    parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
+    parser.add_argument("--prompt-cache-file", help="reuse the prompt's KV cache from this file / save it there")
+    parser.add_argument("--chat", action="store_true", help="interactive chat on stdin, keeping the KV cache")
+    parser.add_argument("--verbose", action="store_true", help="also report the KV-cache size")
+    args = parser.parse_args(argv)
+    if not args.chat and args.prompt is None:
+        parser.error("--prompt is required (or use --chat)")
+    if args.max_tokens <= 0:
+        raise Gemma3nError(f"--max-tokens must be > 0, got {args.max_tokens}")
+    if args.prefill_step_size <= 0:
+        raise Gemma3nError(f"--prefill-step-size must be > 0, got {args.prefill_step_size}")
+    return args
+
+
+def print_stats(response, session: Session, verbose: bool) -> None:
+    print(file=sys.stderr)
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.2f} tokens-per-sec", file=sys.stderr)
+    print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.2f} tokens-per-sec", file=sys.stderr)
+    print(f"Peak memory: {response.peak_memory:.3f} GB", file=sys.stderr)
+    if verbose:
+        held = sum(c.nbytes for c in session.cache)
+        planned = kv_cache_bytes(session.model.config.text, len(session.history), session.cache[0].keys.itemsize)
+        print(f"KV cache: {held / 1e6:.2f} MB held for {len(session.history)} tokens (plan: {planned / 1e6:.2f} MB)", file=sys.stderr)
+
+
+def run_turn(session: Session, tokens: list[int], params, args) -> str:
+    reply, response = [], None
+    for response in session.stream(tokens, params, args.max_tokens, args.prefill_step_size):
+        print(response.text, end="", flush=True)
+        reply.append(response.text)
+    print(flush=True)
+    print_stats(response, session, args.verbose)
+    return "".join(reply)
+
+
+def session_for_prompt(model, processor, tokens: list[int], args) -> tuple[Session, list[int]]:
+    """A session and the tokens still to feed, reusing --prompt-cache-file when it fits the prompt."""
+    path = args.prompt_cache_file
+    if path and os.path.exists(path):
+        cache, cached = load_prompt_cache(path, model.config.text, model.fingerprint())
+        if len(cached) < len(tokens) and tokens[: len(cached)] == cached:
+            return Session(model, processor, cache, cached), tokens[len(cached) :]
+        print(f"[mlx_gemma3n] {path} holds another prompt; prefilling from scratch", file=sys.stderr)
+    session = Session(model, processor)
+    if path:
+        session.prefill(tokens[:-1], args.prefill_step_size)
+        save_prompt_cache(path, session.cache, session.history, model.fingerprint())
+        return session, tokens[-1:]
+    return session, tokens
+
+
+def chat(model, processor, params, args) -> None:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    session = None
+    print("[chat] type a message; an empty line or Ctrl-D ends", file=sys.stderr)
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        tokens = prompt_token_ids(processor, messages)
+        if session is None:
+            session, tokens = session_for_prompt(model, processor, tokens, args)
+        else:
+            held = session.history
+            if tokens[: len(held)] != held:  # the template re-rendered the past differently
+                session = Session(model, processor)
+            tokens = tokens[len(session.history) :]
+        messages.append({"role": "assistant", "content": run_turn(session, tokens, params, args)})
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        chosen = {
+            "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty,
+        }
+        SamplingParams(**{k: v for k, v in chosen.items() if v is not None})  # fail before loading
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not args.chat and not prompt.strip():
+            raise Gemma3nError("the prompt is empty")
+        model, processor = load(args.model, dtype=args.dtype)
+        params = sampling_params(processor, **chosen)
+        if args.seed is not None:
+            mx.random.seed(args.seed)
+        if args.chat:
+            chat(model, processor, params, args)
+            return 0
+        tokens = prompt_token_ids(processor, prompt, args.system)
+        session, tokens = session_for_prompt(model, processor, tokens, args)
+        run_turn(session, tokens, params, args)
+        return 0
+    except Gemma3nError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,207 @@
+"""Text generation: the Python API (`generate`, `stream_generate`) and the decoding session behind it.
+
+A `Session` owns a KV cache and the exact list of tokens whose keys/values it holds, so a chat can
+keep its cache across turns and only prefill what is new. The CLI lives in `cli.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import mlx.core as mx
+
+from .errors import Gemma3nError
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerationResponse:
+    text: str
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None = None  # "stop", "length" or None while generating
+
+
+class StreamingDetokenizer:
+    """Emits text as tokens arrive, holding back bytes of an incomplete UTF-8 character.
+
+    It decodes the current segment of tokens and starts a new segment once the text is clean, so the
+    work per token stays bounded. Gemma's decoder has no context-dependent stripping, so segments
+    decoded apart concatenate to the whole.
+    """
+
+    def __init__(self, processor, max_segment: int = 16):
+        self.processor = processor
+        self.max_segment = max_segment
+        self.segment: list[int] = []
+        self.emitted = 0
+
+    def add(self, token: int) -> str:
+        self.segment.append(token)
+        text = self.processor.decode(self.segment)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[self.emitted :]
+        self.emitted = len(text)
+        if len(self.segment) >= self.max_segment:
+            self.segment, self.emitted = [], 0
+        return new
+
+    def flush(self) -> str:
+        text = self.processor.decode(self.segment)[self.emitted :]
+        self.segment, self.emitted = [], 0
+        return text
+
+
+def prompt_token_ids(processor, prompt, system: str | None = None) -> list[int]:
+    """Token ids for a prompt: a string (one user turn), chat messages, or ready token ids."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise Gemma3nError("the prompt is empty")
+        if not processor.chat_template and system is None:
+            return processor.encode(prompt)
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        messages = list(prompt)
+    else:
+        raise Gemma3nError("the prompt must be a non-empty string, a list of chat messages or a list of token ids")
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + messages
+    return processor.encode(processor.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+
+
+def sampling_params(processor, **overrides) -> SamplingParams:
+    """The model's generation_config.json defaults, overridden by the non-None arguments."""
+    defaults = processor.generation_config
+    values = {
+        "temperature": defaults.get("temperature", 1.0) if defaults.get("do_sample", True) else 0.0,
+        "top_k": defaults.get("top_k", 0) or 0,
+        "top_p": defaults.get("top_p", 1.0) or 1.0,
+        "min_p": defaults.get("min_p", 0.0) or 0.0,
+        "repetition_penalty": defaults.get("repetition_penalty", 1.0) or 1.0,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingParams(**values)
+
+
+class Session:
+    """A KV cache plus the tokens it holds; `stream` continues it with new tokens."""
+
+    def __init__(self, model, processor, cache=None, history: list[int] | None = None):
+        self.model = model
+        self.processor = processor
+        self.cache = cache if cache is not None else model.make_cache()
+        self.history = list(history or [])
+        self.eos_ids = set(processor.eos_token_ids) | set(model.config.eos_token_ids)
+
+    @property
+    def context_limit(self) -> int:
+        return self.model.config.text.max_position_embeddings
+
+    def prefill(self, tokens: list[int], step_size: int) -> mx.array:
+        """Feed `tokens` in chunks; return the logits of the last one."""
+        for start in range(0, len(tokens), step_size):
+            logits = self.model(mx.array([tokens[start : start + step_size]]), cache=self.cache, last_token_only=True)
+            mx.eval(logits, [c.state for c in self.cache])
+        self.history.extend(tokens)
+        return logits[:, -1]
+
+    def stream(
+        self, tokens: list[int], params: SamplingParams, max_tokens: int, prefill_step_size: int = 512
+    ) -> Iterator[GenerationResponse]:
+        if max_tokens <= 0:
+            raise Gemma3nError(f"max_tokens must be > 0, got {max_tokens}")
+        if not tokens:
+            raise Gemma3nError("nothing to generate from: no new prompt tokens")
+        total = len(self.history) + len(tokens)
+        if total >= self.context_limit:
+            raise Gemma3nError(f"the prompt has {total} tokens, over the model's context of {self.context_limit}")
+        max_tokens = min(max_tokens, self.context_limit - total)
+        mx.reset_peak_memory()
+        detokenizer = StreamingDetokenizer(self.processor)
+        recent = self.history[-params.repetition_context :] + tokens
+
+        def next_token(logits):
+            context = mx.array(recent[-params.repetition_context :]) if params.repetition_penalty != 1.0 else None
+            return sample(logits, params, context)
+
+        start = time.perf_counter()
+        token = next_token(self.prefill(tokens, prefill_step_size))
+        mx.eval(token)
+        prompt_time = time.perf_counter() - start
+        prompt_tps = len(tokens) / prompt_time
+        start = time.perf_counter()
+        for n in range(1, max_tokens + 1):
+            token_id = token.item()
+            recent.append(token_id)
+            finish = "stop" if token_id in self.eos_ids else ("length" if n == max_tokens else None)
+            if finish is None:
+                # Launch the next step before handing this token out: the device works meanwhile.
+                token = next_token(self.model(mx.array([[token_id]]), cache=self.cache)[:, -1])
+                mx.async_eval(token)
+                self.history.append(token_id)
+            text = "" if finish == "stop" else detokenizer.add(token_id)
+            if finish:
+                text += detokenizer.flush()
+            elapsed = time.perf_counter() - start
+            yield GenerationResponse(
+                text=text,
+                token=token_id,
+                prompt_tokens=len(tokens),
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=n / elapsed if elapsed > 0 else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+            )
+            if finish:
+                return
+
+
+def stream_generate(
+    model,
+    processor,
+    prompt,
+    max_tokens: int = 256,
+    *,
+    system: str | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    prefill_step_size: int = 512,
+) -> Iterator[GenerationResponse]:
+    """Stream the reply to `prompt` (a string, HF-format chat messages, or token ids).
+
+    Sampling defaults come from the model's generation_config.json; temperature 0 is greedy.
+    """
+    params = sampling_params(
+        processor, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
+    )
+    if seed is not None:
+        mx.random.seed(seed)
+    tokens = prompt_token_ids(processor, prompt, system)
+    yield from Session(model, processor).stream(tokens, params, max_tokens, prefill_step_size)
+
+
+def generate(model, processor, prompt, max_tokens: int = 256, **kwargs) -> str:
+    """The whole reply to `prompt` as one string (see `stream_generate` for the arguments)."""
+    return "".join(response.text for response in stream_generate(model, processor, prompt, max_tokens, **kwargs))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import main
+
+    sys.exit(main())

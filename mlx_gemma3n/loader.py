@@ -1,0 +1,177 @@
+"""config.json + safetensors (single file or sharded) -> Model; local folder or Hugging Face hub id.
+
+Weights are read from safetensors only (never pickle). Every shard is checked against its own header
+before use, so a truncated or corrupt file is reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig, load_config
+from .errors import Gemma3nError
+from .model import Model
+
+# What a model folder needs; nothing else is downloaded (no pickles, no remote code).
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]
+TOWERS = ("vision_tower.", "audio_tower.")
+SHARED_KV_PARAMS = ("k_proj", "v_proj", "k_norm", "v_norm")
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def resolve_model_path(path_or_hub_id: str | Path) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (only the files a model needs)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise Gemma3nError(f"model path {path} is a file, expected a model folder")
+        return path
+    name = str(path_or_hub_id)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise Gemma3nError(f"model path {name} does not exist")
+    return Path(download(name))
+
+
+def download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+    except RepositoryNotFoundError:
+        raise Gemma3nError(f"'{repo_id}' is not a model on the Hugging Face Hub (or it is gated/private)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise Gemma3nError(
+            f"cannot download '{repo_id}' from the Hugging Face Hub (offline? {type(exc).__name__}); "
+            "pass a local model folder instead"
+        ) from None
+
+
+def safetensors_names(path: Path) -> list[str]:
+    """Tensor names of a safetensors file, after checking that the file holds all the data its header
+    promises (a truncated download fails here, naming the file)."""
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > 100_000_000:
+                raise ValueError("header length is implausible")
+            header = json.loads(f.read(header_len))
+        size = path.stat().st_size
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise Gemma3nError(f"{path} is not a readable safetensors file ({exc})") from None
+    names = [k for k in header if k != "__metadata__"]
+    end = max((header[k]["data_offsets"][1] for k in names), default=0)
+    if 8 + header_len + end > size:
+        raise Gemma3nError(f"{path} is truncated: {size} bytes, its header needs {8 + header_len + end}")
+    return names
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise Gemma3nError(f"{index} is not a valid safetensors index ({exc})") from None
+        missing = [n for n in shard_names if not (model_dir / n).is_file()]
+        if missing:
+            raise Gemma3nError(f"shard(s) named in {index.name} are missing: {', '.join(missing)}")
+        return [model_dir / n for n in shard_names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+            raise Gemma3nError(f"{model_dir} has only PyTorch pickle weights; convert them to safetensors first")
+        raise Gemma3nError(f"no .safetensors weights in {model_dir}")
+    return files
+
+
+def our_name(hf_name: str, config: ModelConfig) -> str | None:
+    """Our parameter name for a checkpoint tensor, or None for a tensor we do not use."""
+    for prefix, ours in (
+        ("model.language_model.", "language_model."),
+        ("model.embed_vision.", "embed_vision."),
+        ("model.embed_audio.", "embed_audio."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.audio_tower.", "audio_tower."),
+        ("model.", "language_model."),
+    ):
+        if hf_name.startswith(prefix):
+            name = ours + hf_name[len(prefix) :]
+            break
+    else:
+        name = hf_name
+    if name == "lm_head.weight":  # tied to the token embedding
+        return None
+    parts = name.split(".")
+    if parts[:2] == ["language_model", "layers"] and parts[3:4] == ["self_attn"] and parts[4] in SHARED_KV_PARAMS:
+        if int(parts[2]) >= config.text.first_kv_shared_layer:
+            return None  # Google's checkpoints carry unused k/v weights on KV-shared layers
+    return name
+
+
+def clip_altup_coefficients(weights: dict, config: ModelConfig) -> None:
+    """AltUp clips its coefficient matrices to +-altup_coef_clip; do it once here, not per step."""
+    clip = config.text.altup_coef_clip
+    if clip is None:
+        return
+    for name in weights:
+        if name.endswith(("altup.prediction_coefs.weight", "altup.correction_coefs.weight")):
+            weights[name] = mx.clip(weights[name], -clip, clip)
+
+
+def read_weights(model_dir: Path, config: ModelConfig) -> tuple[dict, list[str]]:
+    """Our-named weights, and the names of the tower weights set aside."""
+    weights, set_aside = {}, []
+    for file in weight_files(model_dir):
+        safetensors_names(file)
+        try:
+            tensors = mx.load(str(file))
+        except Exception as exc:  # mx.load reports a corrupt file with a bare RuntimeError
+            raise Gemma3nError(f"cannot read {file}: {exc}") from None
+        for hf_name, value in tensors.items():
+            name = our_name(hf_name, config)
+            if name is None:
+                continue
+            if name.startswith(TOWERS):
+                set_aside.append(name)
+                continue
+            weights[name] = value
+    clip_altup_coefficients(weights, config)
+    return weights, set_aside
+
+
+def check_names(model: Model, weights: dict) -> None:
+    expected = {name for name, _ in tree_flatten(model.parameters())}
+    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    if missing or unexpected:
+        lines = []
+        if missing:
+            lines.append(f"{len(missing)} missing: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+        raise Gemma3nError("checkpoint does not match the Gemma 3n config: " + "; ".join(lines))
+
+
+def load_model(model_dir: Path, dtype=None) -> Model:
+    config = load_config(model_dir)
+    model = Model(config)
+    weights, set_aside = read_weights(model_dir, config)
+    if set_aside:
+        print(
+            f"[mlx_gemma3n] note: {len(set_aside)} vision/audio tower weights set aside (towers not built yet)",
+            file=sys.stderr,
+        )
+    check_names(model, weights)
+    if dtype is not None:
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model

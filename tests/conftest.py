@@ -1,0 +1,117 @@
+"""Shared pytest setup for the mlx_gemma3n tests (torch / transformers side).
+
+* ``tests/`` is put on ``sys.path`` so test modules can ``from reference import ...``.
+* ``tests/sitecustomize`` is prepended to ``PYTHONPATH`` in ``os.environ`` so
+  every subprocess started by a test (e.g. ``python -m mlx_gemma3n.generate``)
+  gets the torchvision op-schema work-around (see that module's docstring).
+* The same work-around is applied to the pytest process itself.
+
+Session-scoped fixtures (built once per session under ``tmp_path_factory``;
+each returns ``TinyCheckpoint(path, model)``, a NamedTuple that unpacks as
+``path, model = tiny_ckpt_a``). The torch models are shared: do not mutate them.
+
+  tiny_ckpt_a          TINY_TEXT_A, multimodal (Gemma3nForConditionalGeneration), seed 0
+  tiny_ckpt_b          TINY_TEXT_B, multimodal, seed 1
+  tiny_ckpt_shared_kv  TINY_TEXT_A, multimodal, seed 0, keep_shared_kv=True
+                       (same weights as tiny_ckpt_a plus random k_proj/v_proj/
+                       k_norm tensors for the KV-shared layers 5..9)
+  tiny_ckpt_text_only  TINY_TEXT_B, Gemma3nForCausalLM (keys "model.layers..."), seed 2
+  tiny_tokenizer       transformers tokenizer loaded from tiny_ckpt_a's folder
+
+All folders are float32 and contain config.json, model.safetensors,
+generation_config.json, tokenizer.json, tokenizer_config.json,
+special_tokens_map.json and chat_template.jinja.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+SITECUSTOMIZE_DIR = TESTS_DIR / "sitecustomize"
+
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+_pp = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if str(SITECUSTOMIZE_DIR) not in _pp:
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(SITECUSTOMIZE_DIR)] + _pp)
+
+
+def _load_sitecustomize():
+    # Same module object reference.py uses (it looks it up under this name).
+    mod = sys.modules.get("_gemma3n_tests_sitecustomize")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(
+            "_gemma3n_tests_sitecustomize", SITECUSTOMIZE_DIR / "sitecustomize.py"
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)  # also installs the lazy import hook
+    return mod
+
+
+_sitecustomize = _load_sitecustomize()
+define_torchvision_op_schemas = _sitecustomize.define_torchvision_op_schemas
+define_torchvision_op_schemas()  # no-op (returns False) when torch is not installed
+
+
+class TinyCheckpoint(NamedTuple):
+    path: Path
+    model: Any  # the torch model (eval mode, float32)
+
+
+#: seconds spent building each session fixture (filled lazily)
+BUILD_TIMES: dict[str, float] = {}
+
+
+def _build(tmp_path_factory, name: str, **kwargs) -> TinyCheckpoint:
+    from reference import build_checkpoint
+
+    path = tmp_path_factory.mktemp(name)
+    t0 = time.perf_counter()
+    model = build_checkpoint(path, **kwargs)
+    BUILD_TIMES[name] = time.perf_counter() - t0
+    return TinyCheckpoint(Path(path), model)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_a(tmp_path_factory) -> TinyCheckpoint:
+    from reference import TINY_TEXT_A
+
+    return _build(tmp_path_factory, "tiny_a", text=TINY_TEXT_A, seed=0, multimodal=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_b(tmp_path_factory) -> TinyCheckpoint:
+    from reference import TINY_TEXT_B
+
+    return _build(tmp_path_factory, "tiny_b", text=TINY_TEXT_B, seed=1, multimodal=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_shared_kv(tmp_path_factory) -> TinyCheckpoint:
+    from reference import TINY_TEXT_A
+
+    return _build(tmp_path_factory, "tiny_shared_kv", text=TINY_TEXT_A, seed=0, multimodal=True, keep_shared_kv=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_text_only(tmp_path_factory) -> TinyCheckpoint:
+    from reference import TINY_TEXT_B
+
+    return _build(tmp_path_factory, "tiny_text_only", text=TINY_TEXT_B, seed=2, multimodal=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_ckpt_a):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_ckpt_a.path))

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs the package and its test stack in the active Python environment, in the order that keeps
+# the CPU build of torch: torch first, then torchvision without its deps, then the rest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q --no-deps torchvision==0.28.0
+python -m pip install -q -e ".[test]"
+python - <<'PY'
+import torch, torchvision.version as v
+assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} was replaced"
+print(f"test stack ready: torch {torch.__version__}, torchvision {v.__version__}")
+PY

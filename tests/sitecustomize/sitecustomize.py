@@ -1,0 +1,118 @@
+"""Test-only interpreter start-up hook (put on PYTHONPATH by tests/conftest.py).
+
+The test environment has a CPU torch plus a torchvision installed with
+``--no-deps`` whose compiled ops cannot load. ``import torchvision`` (pulled in
+by timm and by transformers' Gemma 3n config / tokenizer / processor modules)
+then dies with "operator torchvision::nms does not exist" unless the
+``torchvision::nms`` and ``torchvision::qnms`` op schemas are defined first.
+
+This module makes that work in every Python process started with the
+test-suite's environment (e.g. ``python -m mlx_gemma3n.generate ...`` run from
+a test):
+
+* if torch is already imported, the schemas are defined right away;
+* otherwise a meta-path finder defines them the moment anything tries to find
+  or import ``torchvision`` -- so processes that never touch
+  torch/torchvision (the plain MLX runtime) do not pay for importing torch,
+  and processes without torch installed are unaffected (ImportError is
+  swallowed).
+
+Any other ``sitecustomize`` module further down ``sys.path`` is still executed
+afterwards (this file shadows it on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+_TORCHVISION_LIB = None  # must stay alive: dropping the Library undefines the ops
+
+# Schemas as in torchvision's C++ sources (csrc/ops/nms.cpp, quantized qnms)
+# and its fake registrations in torchvision/_meta_registrations.py.
+_TORCHVISION_SCHEMAS = (
+    ("nms", "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"),
+    ("qnms", "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"),
+)
+
+
+def define_torchvision_op_schemas() -> bool:
+    """Define ``torchvision::nms`` / ``torchvision::qnms`` unless already defined.
+
+    Idempotent (checks the dispatcher, so it also does nothing when
+    torchvision's own extension did register them). Returns False when torch
+    is not importable, True otherwise.
+    """
+    global _TORCHVISION_LIB
+    try:
+        import torch
+    except ImportError:
+        return False
+    for name, schema in _TORCHVISION_SCHEMAS:
+        try:
+            torch._C._dispatch_find_schema_or_throw(f"torchvision::{name}", "")
+            continue  # already there
+        except RuntimeError:
+            pass
+        if _TORCHVISION_LIB is None:
+            _TORCHVISION_LIB = torch.library.Library("torchvision", "DEF")
+        _TORCHVISION_LIB.define(schema)
+    return True
+
+
+class _TorchvisionSchemaFinder(importlib.abc.MetaPathFinder):
+    """Runs define_torchvision_op_schemas() before torchvision is located.
+
+    Never finds anything itself (returns None) so the normal finders import
+    the real package.
+    """
+
+    _gemma3n_torchvision_schema_finder = True
+
+    def __init__(self) -> None:
+        self._busy = False
+
+    def find_spec(self, fullname, path=None, target=None):  # noqa: D401
+        if fullname == "torchvision" and not self._busy:
+            self._busy = True
+            try:
+                define_torchvision_op_schemas()
+            except Exception:  # never break an import from a start-up hook
+                pass
+            finally:
+                self._busy = False
+        return None
+
+
+def install() -> None:
+    """Install the lazy hook once per process (and define now if torch is loaded)."""
+    if "torch" in sys.modules:
+        try:
+            define_torchvision_op_schemas()
+        except Exception:
+            pass
+    if not any(getattr(f, "_gemma3n_torchvision_schema_finder", False) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TorchvisionSchemaFinder())
+
+
+def _chain_next_sitecustomize() -> None:
+    """Execute the next ``sitecustomize`` on sys.path (the one this file shadows)."""
+    if __name__ != "sitecustomize":
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is None or spec.origin is None or os.path.abspath(spec.origin) == os.path.abspath(__file__):
+        return
+    try:
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    except Exception:
+        pass
+
+
+install()
+_chain_next_sitecustomize()
