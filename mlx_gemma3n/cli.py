@@ -11,7 +11,7 @@ import mlx.core as mx
 from . import load
 from .cache import kv_cache_bytes, load_prompt_cache, save_prompt_cache
 from .errors import Gemma3nError
-from .generate import Session, prompt_token_ids, sampling_params
+from .generate import ChatSession, Session, prompt_token_ids, sampling_params
 from .sampling import SamplingParams
 
 DEFAULT_MODEL = "google/gemma-3n-E2B-it"
@@ -55,14 +55,12 @@ def print_stats(response, session: Session, verbose: bool) -> None:
         print(f"KV cache: {held / 1e6:.2f} MB held for {len(session.history)} tokens (plan: {planned / 1e6:.2f} MB)", file=sys.stderr)
 
 
-def run_turn(session: Session, tokens: list[int], params, args) -> str:
-    reply, response = [], None
-    for response in session.stream(tokens, params, args.max_tokens, args.prefill_step_size):
+def run_turn(responses, session: Session, verbose: bool) -> None:
+    response = None
+    for response in responses:
         print(response.text, end="", flush=True)
-        reply.append(response.text)
     print(flush=True)
-    print_stats(response, session, args.verbose)
-    return "".join(reply)
+    print_stats(response, session, verbose)
 
 
 def session_for_prompt(model, processor, tokens: list[int], args) -> tuple[Session, list[int]]:
@@ -82,23 +80,13 @@ def session_for_prompt(model, processor, tokens: list[int], args) -> tuple[Sessi
 
 
 def chat(model, processor, params, args) -> None:
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    session = None
+    conversation = ChatSession(model, processor, system=args.system)
     print("[chat] type a message; an empty line or Ctrl-D ends", file=sys.stderr)
     for line in sys.stdin:
-        text = line.strip()
-        if not text:
+        if not line.strip():
             break
-        messages.append({"role": "user", "content": text})
-        tokens = prompt_token_ids(processor, messages)
-        if session is None:
-            session, tokens = session_for_prompt(model, processor, tokens, args)
-        else:
-            held = session.history
-            if tokens[: len(held)] != held:  # the template re-rendered the past differently
-                session = Session(model, processor)
-            tokens = tokens[len(session.history) :]
-        messages.append({"role": "assistant", "content": run_turn(session, tokens, params, args)})
+        responses = conversation.ask(line.strip(), params, args.max_tokens, args.prefill_step_size)
+        run_turn(responses, conversation.session, args.verbose)
 
 
 def main(argv=None) -> int:
@@ -121,7 +109,7 @@ def main(argv=None) -> int:
             return 0
         tokens = prompt_token_ids(processor, prompt, args.system)
         session, tokens = session_for_prompt(model, processor, tokens, args)
-        run_turn(session, tokens, params, args)
+        run_turn(session.stream(tokens, params, args.max_tokens, args.prefill_step_size), session, args.verbose)
         return 0
     except Gemma3nError as exc:
         print(f"error: {exc}", file=sys.stderr)

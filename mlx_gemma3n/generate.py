@@ -166,6 +166,54 @@ class Session:
                 return
 
 
+class ChatSession:
+    """A multi-turn chat that keeps its KV cache: each turn feeds only the new text.
+
+    The cache holds the model's replies as generated; the chat template's rendering of a past reply
+    may differ (it trims whitespace), so a turn appends only what the template puts after the last
+    reply (found by rendering a placeholder in its place) and feeds the difference as text.
+    """
+
+    PLACEHOLDER = "\x00reply\x00"
+
+    def __init__(self, model, processor, system: str | None = None, session: Session | None = None):
+        self.model, self.processor = model, processor
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.session = session
+        self.text = ""  # what the conversation so far says, as the cache should hold it
+        self.last_prompt_tokens: list[int] = []
+
+    def _render(self, messages) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def turn_tokens(self, user_text: str) -> list[int]:
+        """Record the user's turn; the tokens the cache still needs for it."""
+        previous = self.messages
+        self.messages = previous + [{"role": "user", "content": user_text}]
+        if self.session is not None and previous and previous[-1]["role"] == "assistant":
+            with_placeholder = previous[:-1] + [{"role": "assistant", "content": self.PLACEHOLDER}]
+            rendered = self._render(with_placeholder + self.messages[-1:])
+            target = self.text + rendered.split(self.PLACEHOLDER, 1)[1]
+            held = self.processor.decode(self.session.history)
+            if target.startswith(held):
+                self.text = target
+                return self.processor.encode(target[len(held) :], add_bos=False)
+        self.text = self._render(self.messages)
+        self.session = Session(self.model, self.processor)
+        return self.processor.encode(self.text, add_bos=False)
+
+    def ask(self, user_text: str, params: SamplingParams, max_tokens: int = 256, prefill_step_size: int = 512):
+        """Stream the reply to one user turn."""
+        tokens = self.turn_tokens(user_text)
+        self.last_prompt_tokens = tokens
+        reply = []
+        for response in self.session.stream(tokens, params, max_tokens, prefill_step_size):
+            reply.append(response.text)
+            yield response
+        self.text += "".join(reply)
+        self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+
 def stream_generate(
     model,
     processor,

@@ -57,7 +57,7 @@ class Model(nn.Module):
         rows = table[mx.clip(input_ids - first_id, 0, table.shape[0] - 1)]
         return mx.where(in_range[..., None], rows.astype(embeddings.dtype), embeddings)
 
-    def __call__(self, input_ids: mx.array, cache=None, last_token_only: bool = False, capture=None) -> mx.array:
+    def __call__(self, input_ids: mx.array, cache=None, last_token_only=False, capture=None, prefill_shortcut=True):
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_token_only`."""
         lm = self.language_model
         embeddings = self.embed(input_ids)
@@ -67,7 +67,7 @@ class Model(nn.Module):
             capture.update(
                 embeddings=embeddings, per_layer_embeddings=per_layer_embeddings, per_layer_inputs=per_layer_inputs
             )
-        hidden = lm(embeddings, per_layer_inputs, cache=cache, last_token_only=last_token_only, capture=capture)
+        hidden = lm(embeddings, per_layer_inputs, cache, last_token_only, capture, prefill_shortcut)
         if capture is not None:
             capture["final_norm"] = hidden
         logits = lm.embed_tokens.as_linear(hidden)

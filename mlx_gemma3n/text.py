@@ -28,11 +28,7 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
-def gelu_tanh(x: mx.array) -> mx.array:
-    return nn.gelu_approx(x)
-
-
-ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu": nn.gelu}
+ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu}  # gelu_approx is the tanh form
 
 
 def magnitude_matched(x: mx.array, target_rms: mx.array) -> mx.array:
@@ -248,12 +244,13 @@ class TextModel(nn.Module):
         extra = [magnitude_matched(proj(streams[:, :, i + 1]), target) for i, proj in enumerate(self.altup_unembed_projections)]
         return self.norm(mx.mean(mx.stack([first, *extra], axis=2), axis=2))
 
-    def __call__(self, embeddings, per_layer_inputs, cache=None, last_token_only=False, capture=None):
+    def __call__(self, embeddings, per_layer_inputs, cache=None, last_token_only=False, capture=None, prefill_shortcut=True):
         """Run the decoder.
 
         cache: None (one full forward; KV-shared layers still share) or `make_cache(config)`.
-        last_token_only: return only the last position; the KV-shared layers, which produce no cache,
-            then run on that position alone (the prefill shortcut).
+        last_token_only: return only the last position. The KV-shared layers, which produce no cache,
+            then run on that position alone (the prefill shortcut) unless `prefill_shortcut` is False
+            (which only exists to measure it).
         capture: optional dict filled with the streams after each layer (for parity tests).
         """
         cfg = self.config
@@ -265,7 +262,7 @@ class TextModel(nn.Module):
             capture["altup_streams"] = streams
         shared_kv = {}
         for i, layer in enumerate(self.layers):
-            if last_token_only and i == cfg.first_kv_shared_layer and streams.shape[1] > 1:
+            if last_token_only and prefill_shortcut and i == cfg.first_kv_shared_layer and streams.shape[1] > 1:
                 streams, per_layer_inputs = streams[:, -1:], per_layer_inputs[:, -1:]
                 shared_kv = {kind: last_query_only(kv) for kind, kv in shared_kv.items()}
                 offset = offset + length - 1

@@ -12,9 +12,12 @@ each returns ``TinyCheckpoint(path, model)``, a NamedTuple that unpacks as
 
   tiny_ckpt_a          TINY_TEXT_A, multimodal (Gemma3nForConditionalGeneration), seed 0
   tiny_ckpt_b          TINY_TEXT_B, multimodal, seed 1
-  tiny_ckpt_shared_kv  TINY_TEXT_A, multimodal, seed 0, keep_shared_kv=True
-                       (same weights as tiny_ckpt_a plus random k_proj/v_proj/
-                       k_norm tensors for the KV-shared layers 5..9)
+  tiny_ckpt_shared_kv  "Google-original style": TINY_TEXT_A, multimodal, seed 0,
+                       keep_shared_kv=True, config_style="google" -- same weights
+                       as tiny_ckpt_a plus random k_proj/v_proj/k_norm tensors for
+                       the KV-shared layers 5..9 (transformers ignores them), and
+                       config.json text_config spelled with rope_theta /
+                       rope_local_base_freq / rope_scaling instead of rope_parameters
   tiny_ckpt_text_only  TINY_TEXT_B, Gemma3nForCausalLM (keys "model.layers..."), seed 2
   tiny_tokenizer       transformers tokenizer loaded from tiny_ckpt_a's folder
 
@@ -60,7 +63,13 @@ def _load_sitecustomize():
 
 _sitecustomize = _load_sitecustomize()
 define_torchvision_op_schemas = _sitecustomize.define_torchvision_op_schemas
-define_torchvision_op_schemas()  # no-op (returns False) when torch is not installed
+if define_torchvision_op_schemas():  # returns False (no-op) when torch is not installed
+    import torch
+
+    # The reference models are tiny: multi-threaded CPU kernels only add
+    # OpenMP spin/contention noise (measured 10-30x slow-downs on a busy 2-core
+    # box). Override with GEMMA3N_TEST_TORCH_THREADS=N.
+    torch.set_num_threads(int(os.environ.get("GEMMA3N_TEST_TORCH_THREADS", "1")))
 
 
 class TinyCheckpoint(NamedTuple):
@@ -100,7 +109,15 @@ def tiny_ckpt_b(tmp_path_factory) -> TinyCheckpoint:
 def tiny_ckpt_shared_kv(tmp_path_factory) -> TinyCheckpoint:
     from reference import TINY_TEXT_A
 
-    return _build(tmp_path_factory, "tiny_shared_kv", text=TINY_TEXT_A, seed=0, multimodal=True, keep_shared_kv=True)
+    return _build(
+        tmp_path_factory,
+        "tiny_shared_kv",
+        text=TINY_TEXT_A,
+        seed=0,
+        multimodal=True,
+        keep_shared_kv=True,
+        config_style="google",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +132,9 @@ def tiny_tokenizer(tiny_ckpt_a):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_ckpt_a.path))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if BUILD_TIMES:
+        times = ", ".join(f"{k} {v:.2f}s" for k, v in BUILD_TIMES.items())
+        terminalreporter.write_line(f"tiny checkpoint build times: {times}")

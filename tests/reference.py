@@ -25,15 +25,24 @@ TINY_TEXT_A, TINY_TEXT_B
     Tiny ``Gemma3nTextConfig`` kwargs (plain dicts).
 TINY_VISION, TINY_AUDIO
     Tiny ``Gemma3nVisionConfig`` / ``Gemma3nAudioConfig`` kwargs.
-SPECIAL_TOKENS
-    Name -> id of the tiny tokenizer's special / control tokens.
+SPECIAL_TOKENS, PAD_ID, EOS_ID, BOS_ID, UNK_ID, START_OF_TURN_ID,
+END_OF_TURN_ID, BOI_ID, BOA_ID, EOI_ID, IMAGE_TOKEN_ID, EOA_ID, AUDIO_TOKEN_ID, EOS_IDS
+    Ids of the tiny tokenizer's special / control tokens (same ids as real
+    Gemma for pad/eos/bos/unk/turn markers; multimodal ones moved into the
+    512-token vocab: boi 382, boa 383, eoi 384, image 385, eoa 448, audio 449).
 build_checkpoint(path, text=TINY_TEXT_A, seed=0, multimodal=True,
                  torch_dtype=torch.float32, keep_shared_kv=False,
-                 with_tokenizer=True) -> model
+                 with_tokenizer=True, config_style="transformers") -> model
+load_reference_model(path, torch_dtype=torch.float32) -> model
 build_tokenizer(path) -> transformers tokenizer
+make_config(text=TINY_TEXT_A, multimodal=True) -> Gemma3nConfig | Gemma3nTextConfig
+randomize_parameters(model, seed=0) -> None
+shared_kv_layers(text_config) -> list[int]
 reference_logits(model, input_ids, **model_kwargs) -> np.ndarray [B, T, V]
-reference_intermediates(model, input_ids, **model_kwargs) -> dict[str, np.ndarray]
-reference_greedy(model, input_ids, max_new_tokens, stop_at_eos=True) -> list[int]
+reference_intermediates(model, input_ids, detail=False, **model_kwargs) -> dict[str, np.ndarray]
+reference_greedy(model, input_ids, max_new_tokens, stop_at_eos=True, **generate_kwargs) -> list[int]
+
+``input_ids`` may be a list, a numpy array or a tensor, 1-D or [1, T].
 """
 
 from __future__ import annotations
@@ -543,6 +552,22 @@ def _add_shared_kv_tensors(path: Path, model, seed: int) -> list[str]:
     return added
 
 
+def _rewrite_config_google_style(path: Path) -> None:
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    tc = cfg["text_config"] if "text_config" in cfg else cfg
+    rope = tc.pop("rope_parameters")
+    assert all(r["rope_type"] == "default" for r in rope.values()), rope
+    tc["rope_theta"] = rope["full_attention"]["rope_theta"]
+    tc["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    tc["rope_scaling"] = None
+    if "text_config" in cfg:
+        cfg["text_config"] = dict(sorted(tc.items()))
+    else:
+        cfg = dict(sorted(tc.items()))
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def build_checkpoint(
     path: str | os.PathLike,
     text: dict[str, Any] = TINY_TEXT_A,
@@ -551,6 +576,7 @@ def build_checkpoint(
     torch_dtype: torch.dtype = torch.float32,
     keep_shared_kv: bool = False,
     with_tokenizer: bool = True,
+    config_style: str = "transformers",
 ):
     """Build a tiny, fully randomised Gemma 3n checkpoint folder at ``path``.
 
@@ -563,6 +589,11 @@ def build_checkpoint(
     tiny tokenizer files. ``keep_shared_kv=True`` additionally stores random
     k_proj / v_proj / k_norm weights for the KV-shared layers (ignored by
     transformers on load, present in Google's original checkpoints).
+
+    ``config_style="google"`` rewrites config.json's text config the way
+    Google's published checkpoints spell it (``rope_theta`` +
+    ``rope_local_base_freq`` + ``rope_scaling: null`` instead of transformers
+    5's ``rope_parameters``); transformers loads both identically.
 
     Returns the torch model (eval mode, ``torch_dtype``).
     """
@@ -580,6 +611,10 @@ def build_checkpoint(
     model.save_pretrained(str(path))
     if keep_shared_kv:
         _add_shared_kv_tensors(path, model, seed)
+    if config_style == "google":
+        _rewrite_config_google_style(path)
+    elif config_style != "transformers":
+        raise ValueError(f"config_style must be 'transformers' or 'google', not {config_style!r}")
     if with_tokenizer:
         build_tokenizer(path)
     return model
@@ -624,7 +659,7 @@ def reference_logits(model, input_ids, **model_kwargs) -> np.ndarray:
 
 
 @torch.no_grad()
-def reference_intermediates(model, input_ids, **model_kwargs) -> dict[str, np.ndarray]:
+def reference_intermediates(model, input_ids, detail: bool = False, **model_kwargs) -> dict[str, np.ndarray]:
     """Forward once (no cache) and capture block-boundary values (float32).
 
     Keys:
@@ -641,6 +676,10 @@ def reference_intermediates(model, input_ids, **model_kwargs) -> dict[str, np.nd
     and, for multimodal inputs (pixel_values / input_features passed through
     ``model_kwargs``): "vision_tower" [B, 2048, 16, 16], "image_embeds"
     [B, 256, H], "audio_tower" [B, T_a, H_a], "audio_embeds" [B, T_a, H].
+    With ``detail=True`` also, per layer i (all [B, T, H]):
+      "layer.{i}.attn"   self-attention output (after o_proj, before post norm)
+      "layer.{i}.laurel" LAuReL block output (normed input + laurel residual)
+      "layer.{i}.mlp"    MLP output (after down_proj, before post norm)
     """
     ids = _as_ids(input_ids)
     tm = _text_model(model)
@@ -675,6 +714,10 @@ def reference_intermediates(model, input_ids, **model_kwargs) -> dict[str, np.nd
 
         hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(layer.register_forward_hook(fwd_hook(f"layer.{i}")))
+        if detail:
+            hooks.append(layer.self_attn.register_forward_hook(fwd_hook(f"layer.{i}.attn", lambda o: o[0])))
+            hooks.append(layer.laurel.register_forward_hook(fwd_hook(f"layer.{i}.laurel")))
+            hooks.append(layer.mlp.register_forward_hook(fwd_hook(f"layer.{i}.mlp")))
     hooks.append(tm.norm.register_forward_hook(fwd_hook("final_norm")))
 
     inner = model.model

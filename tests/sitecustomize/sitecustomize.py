@@ -15,7 +15,9 @@ a test):
   or import ``torchvision`` -- so processes that never touch
   torch/torchvision (the plain MLX runtime) do not pay for importing torch,
   and processes without torch installed are unaffected (ImportError is
-  swallowed).
+  swallowed);
+* a torchvision whose compiled extension does load is left alone (the
+  schemas are only defined when ``torchvision/_C`` fails to load).
 
 Any other ``sitecustomize`` module further down ``sys.path`` is still executed
 afterwards (this file shadows it on PYTHONPATH).
@@ -39,24 +41,61 @@ _TORCHVISION_SCHEMAS = (
 )
 
 
-def define_torchvision_op_schemas() -> bool:
-    """Define ``torchvision::nms`` / ``torchvision::qnms`` unless already defined.
+def _schema_defined(torch, name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"torchvision::{name}", "")
+        return True
+    except RuntimeError:
+        return False
 
-    Idempotent (checks the dispatcher, so it also does nothing when
-    torchvision's own extension did register them). Returns False when torch
-    is not importable, True otherwise.
+
+def _torchvision_extension_loads(torch) -> bool:
+    """True if torchvision's compiled ``_C`` extension loads in this process.
+
+    Located without importing torchvision (exactly like
+    torchvision._internally_replaced_utils._get_extension_path). When it loads,
+    it registers the real op schemas itself and defining them here first would
+    make its own registration fail, so a healthy torchvision is left alone.
+    """
+    if "torchvision.extension" in sys.modules:
+        try:
+            return bool(sys.modules["torchvision.extension"]._has_ops())
+        except Exception:
+            return False
+    spec = importlib.machinery.PathFinder.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    loader_details = (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+    for lib_dir in spec.submodule_search_locations:
+        ext = importlib.machinery.FileFinder(lib_dir, loader_details).find_spec("_C")
+        if ext is not None and ext.origin:
+            try:
+                torch.ops.load_library(ext.origin)  # same call torchvision makes; a later repeat is a no-op
+                return True
+            except (OSError, ImportError):
+                return False
+    return False
+
+
+def define_torchvision_op_schemas() -> bool:
+    """Define ``torchvision::nms`` / ``torchvision::qnms`` unless they exist.
+
+    Idempotent: does nothing when the schemas are already registered (by an
+    earlier call, or by torchvision's own extension) or when torchvision's
+    compiled extension loads fine. Returns False when torch is not
+    importable, True otherwise.
     """
     global _TORCHVISION_LIB
     try:
         import torch
     except ImportError:
         return False
-    for name, schema in _TORCHVISION_SCHEMAS:
-        try:
-            torch._C._dispatch_find_schema_or_throw(f"torchvision::{name}", "")
-            continue  # already there
-        except RuntimeError:
-            pass
+    missing = [(n, s) for n, s in _TORCHVISION_SCHEMAS if not _schema_defined(torch, n)]
+    if not missing or _torchvision_extension_loads(torch):
+        return True
+    for name, schema in missing:
+        if _schema_defined(torch, name):
+            continue
         if _TORCHVISION_LIB is None:
             _TORCHVISION_LIB = torch.library.Library("torchvision", "DEF")
         _TORCHVISION_LIB.define(schema)
