@@ -7,7 +7,8 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q --no-deps torchvision==0.28.0
 python -m pip install -q -e ".[test]"
 python - <<'PY'
-import torch, torchvision.version as v
-assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} was replaced"
-print(f"test stack ready: torch {torch.__version__}, torchvision {v.__version__}")
+from importlib.metadata import version  # importing torchvision itself needs the test hooks
+torch = version("torch")
+assert torch.startswith("2.13.0"), f"torch {torch} was replaced by another build"
+print(f"test stack ready: torch {torch}, torchvision {version('torchvision')}, transformers {version('transformers')}")
 PY
