@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig, load_config
 from .errors import Gemma3nError
 from .model import Model
+from .quantization import quantize_like_checkpoint
 
 # What a model folder needs; nothing else is downloaded (no pickles, no remote code).
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]
@@ -167,6 +168,8 @@ def load_model(model_dir: Path, dtype=None) -> Model:
             f"[mlx_gemma3n] note: {len(set_aside)} vision/audio tower weights set aside (towers not built yet)",
             file=sys.stderr,
         )
+    if config.quantization:
+        quantize_like_checkpoint(model, config.quantization, set(weights))
     check_names(model, weights)
     if dtype is not None:
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype

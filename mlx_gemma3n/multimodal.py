@@ -30,7 +30,7 @@ class MultimodalEmbedder(nn.Module):
 
     def hard_table(self) -> mx.array:
         """The embedding of every hard token id of this embedder, (vocab_size, text_hidden)."""
-        return self.project(self.hard_embedding_norm(self.embedding.weight))
+        return self.project(self.hard_embedding_norm(self.embedding(mx.arange(self.vocab_size))))
 
     def embed_soft(self, features: mx.array) -> mx.array:
         return self.project(self.soft_embedding_norm(features))

@@ -213,9 +213,9 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
 
     def embed(self, input_ids: mx.array) -> mx.array:
-        weight = self.embed_tokens.weight
-        scale = mx.array(math.sqrt(self.config.hidden_size), dtype=weight.dtype)
-        return self.embed_tokens(input_ids) * scale
+        rows = self.embed_tokens(input_ids)
+        # the scale is rounded to the weights' dtype first, as the reference does
+        return rows * mx.array(math.sqrt(self.config.hidden_size), dtype=rows.dtype)
 
     def per_layer_embeddings(self, input_ids: mx.array) -> mx.array:
         """PLE table rows (B, T, layers, ple); ids outside the table (multimodal ids) use row 0."""

@@ -1,0 +1,51 @@
+"""`python -m mlx_gemma3n.convert`: Hugging Face Gemma 3n checkpoint -> MLX folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlx_gemma3n.errors import Gemma3nError
+from mlx_gemma3n.quantization import RECIPES
+
+from .convert import convert
+
+
+def upload(folder, repo_id: str) -> None:
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+    except Exception as exc:  # network, auth and permission failures all end the same way
+        raise Gemma3nError(f"upload to '{repo_id}' failed ({type(exc).__name__}: {exc}); the folder is at {folder}") from None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.convert", description=__doc__)
+    parser.add_argument("--hf-path", required=True, help="source: local folder or Hugging Face hub id")
+    parser.add_argument("--mlx-path", required=True, help="destination folder")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32 (float parts)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize Linear and Embedding weights")
+    parser.add_argument("--q-bits", type=int, default=4, help="4 or 8")
+    parser.add_argument("--q-group-size", type=int, default=64, help="32, 64 or 128")
+    parser.add_argument("--quant-recipe", help=f"one of {', '.join(RECIPES)} (default: uniform<q-bits>)")
+    parser.add_argument("--upload-repo", help="upload the result to this hub repo (ORG/NAME)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
+    args = parser.parse_args(argv)
+    try:
+        folder = convert(
+            args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize or bool(args.quant_recipe),
+            q_bits=args.q_bits, q_group_size=args.q_group_size, quant_recipe=args.quant_recipe, force=args.force,
+        )
+        print(f"[convert] wrote {folder}", file=sys.stderr)
+        if args.upload_repo:
+            upload(folder, args.upload_repo)
+            print(f"[convert] uploaded to https://huggingface.co/{args.upload_repo}", file=sys.stderr)
+        return 0
+    except Gemma3nError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

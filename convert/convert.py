@@ -1,0 +1,156 @@
+"""The conversion pipeline: validate everything, stream tensors shard by shard, write atomically.
+
+Nothing is written before the source has been checked (config, every shard's header, the complete
+set of weight names). The output goes to a temporary folder beside the destination and is renamed
+into place at the end, so an interrupted run leaves no folder that `load()` would accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_gemma3n.config import ModelConfig, read_config
+from mlx_gemma3n.errors import Gemma3nError
+from mlx_gemma3n.loader import DTYPES, resolve_model_path, safetensors_names, weight_files, our_name
+from mlx_gemma3n.model import Model
+from mlx_gemma3n.quantization import RECIPES, config_block, quantization_plan
+
+from .shards import ShardWriter
+
+# Files copied beside the weights: tokenizer, chat template, processor and generation configs.
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "processor_config.json", "preprocessor_config.json",
+)
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def check_source_names(files: list[Path], config: ModelConfig, model: Model) -> None:
+    """Every parameter of the model is in the checkpoint and nothing unknown is (towers aside)."""
+    expected = {name for name, _ in tree_flatten(model.parameters())}
+    found = set()
+    for file in files:
+        for hf_name in safetensors_names(file):
+            name = our_name(hf_name, config)
+            if name is not None and not name.startswith(("vision_tower.", "audio_tower.")):
+                found.add(name)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise Gemma3nError(
+            f"the checkpoint does not match its Gemma 3n config: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+
+
+def prepare_destination(dst: Path, force: bool) -> None:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise Gemma3nError(f"{dst} exists and is not empty; pass --force to replace it")
+
+
+def model_card(src: str, dst: Path, dtype: str, block: dict | None) -> str:
+    how = f"python -m mlx_gemma3n.convert --hf-path {src} --mlx-path {dst.name} --dtype {dtype}"
+    if block:
+        how += f" -q --quant-recipe {block['recipe']} --q-group-size {block['group_size']}"
+        weights = f"quantized ({block['recipe']}: affine, group size {block['group_size']}), float parts in {dtype}"
+    else:
+        weights = dtype
+    return (
+        f"---\nlibrary_name: mlx\nbase_model: {src}\ntags: [mlx, gemma3n]\n---\n\n"
+        f"# {dst.name}\n\nConverted from [{src}](https://huggingface.co/{src}) for "
+        f"[mlx-gemma3n](https://github.com/) with:\n\n```bash\n{how}\n```\n\nWeights: {weights}.\n\n"
+        "```python\nfrom mlx_gemma3n import load\nfrom mlx_gemma3n.generate import generate\n\n"
+        f'model, processor = load("{dst.name}")\nprint(generate(model, processor, "Hello!"))\n```\n'
+    )
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    dtype: str = "bfloat16",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    quant_recipe: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Convert a Gemma 3n checkpoint (folder or hub id) into an MLX folder; returns its path."""
+    if dtype not in DTYPES:
+        raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    if quantize and q_bits not in (4, 8):
+        raise Gemma3nError(f"--q-bits must be 4 or 8, got {q_bits}")
+    if quantize and q_group_size not in (32, 64, 128):
+        raise Gemma3nError(f"--q-group-size must be 32, 64 or 128, got {q_group_size}")
+    recipe = quant_recipe or f"uniform{q_bits}"
+    if quantize and recipe not in RECIPES:
+        raise Gemma3nError(f"unknown quantization recipe '{recipe}' (choose from {', '.join(RECIPES)})")
+    dst = Path(mlx_path).expanduser().absolute()
+    prepare_destination(dst, force)
+    src = resolve_model_path(hf_path)
+    raw_config = read_config(src)
+    config = ModelConfig.from_dict(raw_config)
+    files = weight_files(src)
+    skeleton = Model(config)  # lazy: no weights allocated
+    check_source_names(files, config, skeleton)
+
+    block = None
+    plan = {}
+    if quantize:
+        plan, left_float = quantization_plan(skeleton, recipe, q_group_size)
+        for path in left_float:
+            print(f"[convert] {path} stays float: its width does not divide by {q_group_size}", file=sys.stderr)
+        block = config_block(plan, left_float, recipe, q_bits, q_group_size)
+
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_weights(files, config, plan, DTYPES[dtype], ShardWriter(tmp, max_shard_bytes))
+        out_config = dict(raw_config, dtype=dtype, torch_dtype=dtype)
+        if block:
+            out_config["quantization"] = block
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2))
+        for name in COPIED_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        (tmp / "README.md").write_text(model_card(str(hf_path), dst, dtype, block))
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def write_weights(files: list[Path], config: ModelConfig, plan: dict, dtype, writer: ShardWriter) -> None:
+    """Source shard by source shard: rename, cast, quantize, hand to the writer."""
+    for file in files:
+        try:
+            tensors = mx.load(str(file))
+        except Exception as exc:  # mx.load raises a bare RuntimeError on a corrupt file
+            raise Gemma3nError(f"cannot read {file}: {exc}") from None
+        for hf_name in list(tensors):
+            tensor = tensors.pop(hf_name)
+            name = our_name(hf_name, config)
+            if name is None:
+                continue
+            module_path, _, kind = name.rpartition(".")
+            params = plan.get(module_path)
+            if params and kind == "weight":
+                # from the source precision: rounding to `dtype` first would round twice
+                packed, scales, biases = mx.quantize(tensor, group_size=params["group_size"], bits=params["bits"])
+                writer.add(name, packed)
+                writer.add(f"{module_path}.scales", scales.astype(dtype))
+                writer.add(f"{module_path}.biases", biases.astype(dtype))
+            else:
+                writer.add(name, tensor.astype(dtype) if mx.issubdtype(tensor.dtype, mx.floating) else tensor)
+        del tensors
+    writer.close()

@@ -1,0 +1,70 @@
+"""Which modules are quantized, at how many bits (recipes), and quantizing a model to match a folder.
+
+A converted folder's config.json carries a `quantization` block: the default `bits` and
+`group_size`, plus an entry per module whose settings differ (a dict) or that stays float (false).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.nn as nn
+
+from .errors import Gemma3nError
+
+# AltUp's coefficient and router matrices and LAuReL's rank-64 side path are tiny and sensitive.
+FLOAT_SUBMODULES = (".altup.", ".laurel.")
+
+
+def is_quantizable(path: str, module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding)) and not any(part in f"{path}." for part in FLOAT_SUBMODULES)
+
+
+def _head_and_attention_at_8(path: str) -> int:
+    """Chosen by benchmarks/quant_quality.py: the token embedding (= tied LM head) is the most
+    sensitive group, attention and MLP follow with equal gains but attention is ~5x smaller; the PLE
+    table is the least sensitive (and the largest), so it stays at 4 bits."""
+    return 8 if path.endswith("embed_tokens") or ".self_attn." in path else 4
+
+
+RECIPES: dict[str, Callable[[str], int]] = {
+    "uniform4": lambda path: 4,
+    "uniform8": lambda path: 8,
+    "mixed": _head_and_attention_at_8,
+}
+
+
+def quantization_plan(model: nn.Module, recipe: str, group_size: int) -> tuple[dict, list[str]]:
+    """({module path: {"bits", "group_size"}}, paths left float because their width does not divide)."""
+    if recipe not in RECIPES:
+        raise Gemma3nError(f"unknown quantization recipe '{recipe}' (choose from {', '.join(RECIPES)})")
+    bits_for = RECIPES[recipe]
+    plan, left_float = {}, []
+    for path, module in model.named_modules():
+        if not is_quantizable(path, module):
+            continue
+        if module.weight.shape[-1] % group_size:
+            left_float.append(path)
+        else:
+            plan[path] = {"bits": bits_for(path), "group_size": group_size}
+    return plan, left_float
+
+
+def config_block(plan: dict, left_float: list[str], recipe: str, bits: int, group_size: int) -> dict:
+    block = {"group_size": group_size, "bits": bits, "mode": "affine", "recipe": recipe}
+    block.update({path: params for path, params in plan.items() if params != {"bits": bits, "group_size": group_size}})
+    block.update({path: False for path in left_float})
+    return block
+
+
+def quantize_like_checkpoint(model: nn.Module, block: dict, weight_names: set[str]) -> None:
+    """Turn into quantized layers exactly the modules whose weights the checkpoint stores quantized."""
+    default = {"bits": block.get("bits", 4), "group_size": block.get("group_size", 64)}
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weight_names:
+            return False
+        entry = block.get(path)
+        return entry if isinstance(entry, dict) else default
+
+    nn.quantize(model, class_predicate=predicate)

@@ -1,0 +1,198 @@
+"""Conversion HF -> MLX folder: round trips per recipe, folder layout, sharding, atomicity, bad input.
+
+Quality floors come from benchmarks/quant_quality.py (benchmarks/RESULTS.md), measured on these
+tiny random checkpoints at group size 32 over 320 positions, float parts bf16 (the default): bf16 KL
+0.013; uniform8 KL 0.069; mixed 0.27; uniform4 0.37 (float parts float32: uniform8 KL 0.012).
+Random tiny models have small logit margins, so top-1 agreement is low even for small errors; KL
+is the main measure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_gemma3n import Gemma3nError, load
+from mlx_gemma3n.convert import convert
+from mlx_gemma3n.convert import shards as shards_module
+
+FLOORS = {  # recipe: (min top-1 agreement, max mean KL), float parts bf16
+    None: (0.65, 0.03),  # not quantized
+    "uniform8": (0.45, 0.1),
+    "mixed": (0.12, 0.35),
+    "uniform4": (0.06, 0.5),
+}
+
+
+def positions() -> mx.array:
+    ids = mx.random.randint(3, 512, (4, 80), key=mx.random.key(1))
+    return mx.concatenate([mx.full((4, 1), 2, dtype=ids.dtype), ids[:, 1:]], axis=1)
+
+
+def quality(reference_logits, logits) -> tuple[float, float]:
+    ref = nn.log_softmax(reference_logits.astype(mx.float32), axis=-1)
+    ours = nn.log_softmax(logits.astype(mx.float32), axis=-1)
+    kl = mx.mean(mx.sum(mx.exp(ref) * (ref - ours), axis=-1)).item()
+    agree = mx.mean(mx.argmax(reference_logits, -1) == mx.argmax(logits, -1)).item()
+    return agree, kl
+
+
+@pytest.fixture(scope="module")
+def float_logits(tiny_ckpt_a):
+    model, _ = load(tiny_ckpt_a.path)
+    return model(positions())
+
+
+@pytest.mark.parametrize("recipe", list(FLOORS))
+def test_round_trip_quality(tiny_ckpt_a, float_logits, tmp_path, recipe):
+    out = convert(str(tiny_ckpt_a.path), tmp_path / "out", quantize=recipe is not None, quant_recipe=recipe, q_group_size=32)
+    model, _ = load(out)
+    agree, kl = quality(float_logits, model(positions()))
+    min_agree, max_kl = FLOORS[recipe]
+    assert agree >= min_agree and kl <= max_kl, (recipe, agree, kl)
+    if recipe:
+        assert isinstance(model.language_model.embed_tokens, nn.QuantizedEmbedding)
+        assert isinstance(model.language_model.embed_tokens_per_layer, nn.QuantizedEmbedding)
+        layer = model.language_model.layers[0]
+        assert isinstance(layer.mlp.down_proj, nn.QuantizedLinear)
+        assert isinstance(layer.altup.modality_router, nn.Linear) and not isinstance(layer.altup.modality_router, nn.QuantizedLinear)
+        assert not isinstance(layer.laurel.linear_left, nn.QuantizedLinear)
+
+
+def test_int8_is_near_lossless_with_float32_float_parts(tiny_ckpt_a, float_logits, tmp_path):
+    out = convert(str(tiny_ckpt_a.path), tmp_path / "out", dtype="float32", quantize=True, q_bits=8, q_group_size=32)
+    agree, kl = quality(float_logits, load(out)[0](positions()))
+    assert agree >= 0.7 and kl <= 0.025, (agree, kl)
+
+
+def test_mixed_recipe_bits_and_ordering(tiny_ckpt_a, float_logits, tmp_path):
+    mixed, _ = load(convert(str(tiny_ckpt_a.path), tmp_path / "mixed", quant_recipe="mixed", quantize=True, q_group_size=32))
+    uniform, _ = load(convert(str(tiny_ckpt_a.path), tmp_path / "u4", quantize=True, q_group_size=32))
+    lm = mixed.language_model
+    assert lm.embed_tokens.bits == 8 and lm.layers[0].self_attn.q_proj.bits == 8
+    assert lm.layers[0].mlp.up_proj.bits == 4 and lm.embed_tokens_per_layer.bits == 4
+    assert quality(float_logits, mixed(positions()))[1] < quality(float_logits, uniform(positions()))[1]
+
+
+def test_output_folder_layout(tiny_ckpt_a, tmp_path):
+    out = convert(str(tiny_ckpt_a.path), tmp_path / "out", quantize=True, q_bits=8, q_group_size=32)
+    names = {p.name for p in out.iterdir()}
+    for expected in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "chat_template.jinja", "generation_config.json", "README.md"):
+        assert expected in names
+    config = json.loads((out / "config.json").read_text())
+    block = config["quantization"]
+    assert (block["bits"], block["group_size"], block["recipe"]) == (8, 32, "uniform8")
+    assert block["language_model.layers.0.per_layer_projection"] is False  # 16 wide: does not divide by 32
+    assert config["dtype"] == "bfloat16" and config["model_type"] == "gemma3n"
+    card = (out / "README.md").read_text()
+    assert str(tiny_ckpt_a.path) in card and "--q-group-size 32" in card
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_sharded_output_loads_like_a_single_file(tiny_ckpt_a, tmp_path):
+    single, _ = load(convert(str(tiny_ckpt_a.path), tmp_path / "single"))
+    out = convert(str(tiny_ckpt_a.path), tmp_path / "sharded", max_shard_bytes=2_000_000)
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and (out / "model.safetensors.index.json").is_file()
+    sharded, _ = load(out)
+    ids = positions()
+    assert mx.array_equal(single(ids), sharded(ids))
+
+
+def test_dtype_override_of_a_converted_folder(tiny_ckpt_a, tmp_path):
+    out = convert(str(tiny_ckpt_a.path), tmp_path / "out", quantize=True, q_group_size=32)
+    model, _ = load(out, dtype="float32")
+    assert model.language_model.norm.weight.dtype == mx.float32
+    assert model.language_model.layers[0].mlp.up_proj.scales.dtype == mx.float32
+
+
+def test_float16_gives_finite_logits(tiny_ckpt_a, tiny_ckpt_b, tmp_path):
+    for checkpoint in (tiny_ckpt_a, tiny_ckpt_b):
+        model, _ = load(convert(str(checkpoint.path), tmp_path / checkpoint.path.name, dtype="float16"))
+        logits = model(positions())
+        assert logits.dtype == mx.float16 and bool(mx.all(mx.isfinite(logits)))
+
+
+def test_interrupted_conversion_leaves_nothing_loadable(tiny_ckpt_a, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = shards_module.ShardWriter.add
+
+    def failing_add(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise KeyboardInterrupt
+        original(self, name, tensor)
+
+    monkeypatch.setattr(shards_module.ShardWriter, "add", failing_add)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(tiny_ckpt_a.path), tmp_path / "out", max_shard_bytes=100_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def source(tiny_ckpt_a, tmp_path) -> Path:
+    target = tmp_path / "src"
+    shutil.copytree(tiny_ckpt_a.path, target)
+    return target
+
+
+def assert_refused(src, dst, match, **kwargs):
+    with pytest.raises(Gemma3nError, match=match):
+        convert(str(src), dst, **kwargs)
+    assert not dst.exists() or not any(dst.iterdir())
+    assert not list(dst.parent.glob(f".{dst.name}.partial*"))
+
+
+def test_bad_sources_are_refused_before_writing(source, tmp_path):
+    dst = tmp_path / "out"
+    assert_refused(tmp_path / "missing", dst, "does not exist")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    assert_refused(source, dst, "model_type is 'qwen2'")
+    (source / "config.json").write_text(json.dumps(config))
+    shard = source / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    assert_refused(source, dst, "model.safetensors is truncated")
+    shard.unlink()
+    (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    assert_refused(source, dst, "model-00001-of-00002.safetensors")
+    (source / "model.safetensors.index.json").unlink()
+    (source / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    assert_refused(source, dst, "only PyTorch pickle weights")
+
+
+def test_bad_options_are_refused(tiny_ckpt_a, tmp_path):
+    dst = tmp_path / "out"
+    assert_refused(tiny_ckpt_a.path, dst, "--q-bits must be 4 or 8", quantize=True, q_bits=3)
+    assert_refused(tiny_ckpt_a.path, dst, "--q-group-size must be", quantize=True, q_group_size=48)
+    assert_refused(tiny_ckpt_a.path, dst, "unknown quantization recipe 'fancy'", quantize=True, quant_recipe="fancy")
+    assert_refused(tiny_ckpt_a.path, dst, "unknown dtype", dtype="int8")
+
+
+def test_non_empty_destination_needs_force(tiny_ckpt_a, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(Gemma3nError, match="pass --force"):
+        convert(str(tiny_ckpt_a.path), dst)
+    assert (dst / "keep.txt").read_text() == "mine"
+    convert(str(tiny_ckpt_a.path), dst, force=True)
+    assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").is_file()
+
+
+def test_cli(tiny_ckpt_a, tmp_path):
+    run = [sys.executable, "-m", "mlx_gemma3n.convert", "--hf-path", str(tiny_ckpt_a.path)]
+    ok = subprocess.run(run + ["--mlx-path", str(tmp_path / "q"), "-q", "--q-group-size", "32"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "stays float" in ok.stderr and load(tmp_path / "q")
+    bad = subprocess.run(run + ["--mlx-path", str(tmp_path / "x"), "-q", "--q-bits", "2"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --q-bits must be 4 or 8, got 2"
+    assert not (tmp_path / "x").exists()
