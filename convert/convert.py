@@ -145,11 +145,15 @@ def write_weights(files: list[Path], config: ModelConfig, plan: dict, dtype, wri
             module_path, _, kind = name.rpartition(".")
             params = plan.get(module_path)
             if params and kind == "weight":
-                # from the source precision: rounding to `dtype` first would round twice
-                packed, scales, biases = mx.quantize(tensor, group_size=params["group_size"], bits=params["bits"])
+                bits = params["bits"]
+                # In float32: rounding to `dtype` first would round twice. At 8 bits a bf16 bias is
+                # off by up to half a quantization step (2^-8 of the range), so 8-bit layers keep
+                # float32 scales and biases (0.5 more bit per weight); at 4 bits the step is 16x wider.
+                packed, scales, biases = mx.quantize(tensor.astype(mx.float32), group_size=params["group_size"], bits=bits)
+                scale_dtype = mx.float32 if bits == 8 else dtype
                 writer.add(name, packed)
-                writer.add(f"{module_path}.scales", scales.astype(dtype))
-                writer.add(f"{module_path}.biases", biases.astype(dtype))
+                writer.add(f"{module_path}.scales", scales.astype(scale_dtype))
+                writer.add(f"{module_path}.biases", biases.astype(scale_dtype))
             else:
                 writer.add(name, tensor.astype(dtype) if mx.issubdtype(tensor.dtype, mx.floating) else tensor)
         del tensors

@@ -25,6 +25,8 @@ class Model(nn.Module):
             self.embed_vision = MultimodalEmbedder(config.vision, hidden)
             self.embed_audio = MultimodalEmbedder(config.audio, hidden)
         self._hard_tokens = None
+        # dtype the activations are computed in; None follows the weights (see loader.activation_dtype)
+        self.activation_dtype = None
 
     def make_cache(self) -> list:
         return make_cache(self.config.text)
@@ -62,6 +64,9 @@ class Model(nn.Module):
         lm = self.language_model
         embeddings = self.embed(input_ids)
         per_layer_embeddings = lm.per_layer_embeddings(input_ids)
+        if self.activation_dtype is not None:
+            embeddings = embeddings.astype(self.activation_dtype)
+            per_layer_embeddings = per_layer_embeddings.astype(self.activation_dtype)
         per_layer_inputs = lm.per_layer_inputs(embeddings, per_layer_embeddings)
         if capture is not None:
             capture.update(

@@ -2,7 +2,7 @@
 
 Quality floors come from benchmarks/quant_quality.py (benchmarks/RESULTS.md), measured on these
 tiny random checkpoints at group size 32 over 320 positions, float parts bf16 (the default): bf16 KL
-0.013; uniform8 KL 0.069; mixed 0.27; uniform4 0.37 (float parts float32: uniform8 KL 0.012).
+0.013 (top-1 0.75); uniform8 KL 0.013 (top-1 0.79); mixed 0.26; uniform4 0.36.
 Random tiny models have small logit margins, so top-1 agreement is low even for small errors; KL
 is the main measure.
 """
@@ -22,11 +22,12 @@ import pytest
 from mlx_gemma3n import Gemma3nError, load
 from mlx_gemma3n.convert import convert
 from mlx_gemma3n.convert import shards as shards_module
+from mlx_gemma3n.mapped import MappedEmbedding
 
 FLOORS = {  # recipe: (min top-1 agreement, max mean KL), float parts bf16
     None: (0.65, 0.03),  # not quantized
-    "uniform8": (0.45, 0.1),
-    "mixed": (0.12, 0.35),
+    "uniform8": (0.7, 0.025),
+    "mixed": (0.15, 0.35),
     "uniform4": (0.06, 0.5),
 }
 
@@ -59,17 +60,20 @@ def test_round_trip_quality(tiny_ckpt_a, float_logits, tmp_path, recipe):
     assert agree >= min_agree and kl <= max_kl, (recipe, agree, kl)
     if recipe:
         assert isinstance(model.language_model.embed_tokens, nn.QuantizedEmbedding)
-        assert isinstance(model.language_model.embed_tokens_per_layer, nn.QuantizedEmbedding)
+        assert model.language_model.embed_tokens_per_layer.bits in (4, 8)  # memory-mapped, quantized
         layer = model.language_model.layers[0]
         assert isinstance(layer.mlp.down_proj, nn.QuantizedLinear)
         assert isinstance(layer.altup.modality_router, nn.Linear) and not isinstance(layer.altup.modality_router, nn.QuantizedLinear)
         assert not isinstance(layer.laurel.linear_left, nn.QuantizedLinear)
 
 
-def test_int8_is_near_lossless_with_float32_float_parts(tiny_ckpt_a, float_logits, tmp_path):
-    out = convert(str(tiny_ckpt_a.path), tmp_path / "out", dtype="float32", quantize=True, q_bits=8, q_group_size=32)
-    agree, kl = quality(float_logits, load(out)[0](positions()))
-    assert agree >= 0.7 and kl <= 0.025, (agree, kl)
+def test_quantized_models_compute_in_float32_on_cpu(tiny_ckpt_a, tmp_path):
+    """MLX's CPU quantized matmul is ~10x faster with float32 activations; weights stay packed."""
+    out = convert(str(tiny_ckpt_a.path), tmp_path / "out", quantize=True, q_group_size=32)
+    model, _ = load(out)
+    assert model(positions()).dtype == (mx.float32 if mx.default_device().type == mx.DeviceType.cpu else mx.bfloat16)
+    assert model.language_model.layers[0].mlp.up_proj.weight.dtype == mx.uint32
+    assert load(out, dtype="bfloat16")[0](positions()).dtype == mx.bfloat16
 
 
 def test_mixed_recipe_bits_and_ordering(tiny_ckpt_a, float_logits, tmp_path):
@@ -77,7 +81,8 @@ def test_mixed_recipe_bits_and_ordering(tiny_ckpt_a, float_logits, tmp_path):
     uniform, _ = load(convert(str(tiny_ckpt_a.path), tmp_path / "u4", quantize=True, q_group_size=32))
     lm = mixed.language_model
     assert lm.embed_tokens.bits == 8 and lm.layers[0].self_attn.q_proj.bits == 8
-    assert lm.layers[0].mlp.up_proj.bits == 4 and lm.embed_tokens_per_layer.bits == 4
+    assert lm.layers[0].mlp.up_proj.bits == 4
+    assert isinstance(lm.embed_tokens_per_layer, MappedEmbedding) and lm.embed_tokens_per_layer.bits == 4
     assert quality(float_logits, mixed(positions()))[1] < quality(float_logits, uniform(positions()))[1]
 
 

@@ -1,0 +1,97 @@
+"""An embedding table read from its safetensors file through a memory map, a few rows at a time.
+
+The per-layer-embedding table is the largest tensor of Gemma 3n (262144 x layers*256: 2.0 B
+parameters for E2B, more than the transformer core), yet a step needs one row per token. Mapping
+it keeps it out of the resident set: the OS pages in the rows that are read and may drop them again.
+Works for float tables and for MLX-quantized ones (packed weight + scales + biases).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import Gemma3nError
+
+# safetensors dtype -> (numpy dtype used to map it, MLX dtype the bytes are viewed as)
+DTYPES = {
+    "F32": (np.float32, mx.float32),
+    "F16": (np.float16, mx.float16),
+    "BF16": (np.uint16, mx.bfloat16),
+    "U32": (np.uint32, mx.uint32),
+}
+
+
+@dataclass
+class TensorLocation:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # of the first byte of the data in the file
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(data start offset, header) of a safetensors file, checking that it holds all its data."""
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > 100_000_000:
+                raise ValueError("header length is implausible")
+            header = json.loads(f.read(header_len))
+        size = path.stat().st_size
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise Gemma3nError(f"{path} is not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if 8 + header_len + end > size:
+        raise Gemma3nError(f"{path} is truncated: {size} bytes, its header needs {8 + header_len + end}")
+    return 8 + header_len, header
+
+
+def locate(path: Path, name: str, data_start: int, header: dict) -> TensorLocation | None:
+    entry = header.get(name)
+    if entry is None or entry["dtype"] not in DTYPES:
+        return None
+    return TensorLocation(path, entry["dtype"], tuple(entry["shape"]), data_start + entry["data_offsets"][0])
+
+
+def memory_map(location: TensorLocation) -> np.memmap:
+    np_dtype, _ = DTYPES[location.dtype]
+    return np.memmap(location.file, dtype=np_dtype, mode="r", offset=location.offset, shape=location.shape)
+
+
+class MappedEmbedding(nn.Module):
+    """nn.Embedding / nn.QuantizedEmbedding lookups served from memory-mapped tensors.
+
+    `parts` maps "weight" (and "scales", "biases" when quantized) to their file locations.
+    """
+
+    def __init__(self, parts: dict[str, TensorLocation], group_size: int = 64, bits: int = 4, dtype=None):
+        super().__init__()
+        self._maps = {kind: memory_map(location) for kind, location in parts.items()}
+        self._views = {kind: DTYPES[location.dtype][1] for kind, location in parts.items()}
+        quantized = "scales" in parts
+        self.group_size, self.bits = (group_size, bits) if quantized else (None, None)
+        self._dtype = dtype
+
+    def _rows(self, kind: str, ids: np.ndarray) -> mx.array:
+        return mx.array(np.ascontiguousarray(self._maps[kind][ids])).view(self._views[kind])
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self.bits:
+            rows = mx.dequantize(
+                self._rows("weight", flat), self._rows("scales", flat), self._rows("biases", flat),
+                group_size=self.group_size, bits=self.bits,
+            )
+        else:
+            rows = self._rows("weight", flat)
+        if self._dtype is not None:
+            rows = rows.astype(self._dtype)
+        return rows.reshape(*ids.shape, rows.shape[-1])
