@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 from mlx_gemma3n.config import ModelConfig, read_config
 from mlx_gemma3n.errors import Gemma3nError
 from mlx_gemma3n.loader import DTYPES, resolve_model_path, safetensors_names, weight_files, our_name
-from mlx_gemma3n.model import Model
+from mlx_gemma3n.model import TOWERS, Model
 from mlx_gemma3n.quantization import RECIPES, config_block, quantization_plan
 
 from .shards import ShardWriter
@@ -33,15 +33,13 @@ COPIED_FILES = (
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def check_source_names(files: list[Path], config: ModelConfig, model: Model) -> None:
-    """Every parameter of the model is in the checkpoint and nothing unknown is (towers aside)."""
+def source_names(files: list[Path], config: ModelConfig) -> set[str]:
+    return {name for file in files for name in map(lambda n: our_name(n, config), safetensors_names(file)) if name}
+
+
+def check_source_names(found: set[str], model: Model) -> None:
+    """Every parameter of the model is in the checkpoint and nothing unknown is."""
     expected = {name for name, _ in tree_flatten(model.parameters())}
-    found = set()
-    for file in files:
-        for hf_name in safetensors_names(file):
-            name = our_name(hf_name, config)
-            if name is not None and not name.startswith(("vision_tower.", "audio_tower.")):
-                found.add(name)
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
         raise Gemma3nError(
@@ -97,8 +95,10 @@ def convert(
     raw_config = read_config(src)
     config = ModelConfig.from_dict(raw_config)
     files = weight_files(src)
-    skeleton = Model(config)  # lazy: no weights allocated
-    check_source_names(files, config, skeleton)
+    found = source_names(files, config)
+    towers = tuple(t for t in TOWERS if any(name.startswith(f"{t}.") for name in found))
+    skeleton = Model(config, towers=towers if config.is_multimodal else ())  # lazy: no weights allocated
+    check_source_names(found, skeleton)
 
     block = None
     plan = {}

@@ -11,7 +11,8 @@ import mlx.core as mx
 from . import load
 from .cache import kv_cache_bytes, load_prompt_cache, save_prompt_cache
 from .errors import Gemma3nError
-from .generate import ChatSession, Session, prompt_token_ids, sampling_params
+from .generate import ChatSession, Session, prepare_prompt, sampling_params
+from .processor import Prompt
 from .sampling import SamplingParams
 
 DEFAULT_MODEL = "google/gemma-3n-E2B-it"
@@ -22,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hugging Face hub id")
     parser.add_argument("--prompt", "-p", help="the prompt; '-' reads it from stdin")
     parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--image", action="append", default=[], help="image file or URL (repeatable)")
+    parser.add_argument("--audio", action="append", default=[], help="audio file: WAV, FLAC, MP3... (repeatable)")
     parser.add_argument("--max-tokens", "-m", type=int, default=256)
     parser.add_argument("--temp", type=float, help="sampling temperature (0 = greedy; default: the model's)")
     parser.add_argument("--top-k", type=int)
@@ -41,7 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise Gemma3nError(f"--max-tokens must be > 0, got {args.max_tokens}")
     if args.prefill_step_size <= 0:
         raise Gemma3nError(f"--prefill-step-size must be > 0, got {args.prefill_step_size}")
+    if args.prompt_cache_file and (args.image or args.audio):
+        raise Gemma3nError("--prompt-cache-file works with text prompts only, not with --image/--audio")
     return args
+
+
+def user_content(text: str, args):
+    """The user turn: plain text, or content parts when images or audio come with it."""
+    if not (args.image or args.audio):
+        return text
+    media = [{"type": "image", "image": i} for i in args.image] + [{"type": "audio", "audio": a} for a in args.audio]
+    return media + [{"type": "text", "text": text}]
 
 
 def print_stats(response, session: Session, verbose: bool) -> None:
@@ -63,29 +76,30 @@ def run_turn(responses, session: Session, verbose: bool) -> None:
     print_stats(response, session, verbose)
 
 
-def session_for_prompt(model, processor, tokens: list[int], args) -> tuple[Session, list[int]]:
-    """A session and the tokens still to feed, reusing --prompt-cache-file when it fits the prompt."""
-    path = args.prompt_cache_file
-    if path and os.path.exists(path):
+def session_for_prompt(model, processor, prompt: Prompt, args) -> tuple[Session, Prompt]:
+    """A session and what is still to feed, reusing --prompt-cache-file when it fits the prompt."""
+    path, tokens = args.prompt_cache_file, prompt.ids
+    if not path:
+        return Session(model, processor), prompt
+    if os.path.exists(path):
         cache, cached = load_prompt_cache(path, model.config.text, model.fingerprint())
         if len(cached) < len(tokens) and tokens[: len(cached)] == cached:
-            return Session(model, processor, cache, cached), tokens[len(cached) :]
+            return Session(model, processor, cache, cached), Prompt(tokens[len(cached) :])
         print(f"[mlx_gemma3n] {path} holds another prompt; prefilling from scratch", file=sys.stderr)
     session = Session(model, processor)
-    if path:
-        session.prefill(tokens[:-1], args.prefill_step_size)
-        save_prompt_cache(path, session.cache, session.history, model.fingerprint())
-        return session, tokens[-1:]
-    return session, tokens
+    session.prefill(tokens[:-1], args.prefill_step_size)
+    save_prompt_cache(path, session.cache, session.history, model.fingerprint())
+    return session, Prompt(tokens[-1:])
 
 
 def chat(model, processor, params, args) -> None:
     conversation = ChatSession(model, processor, system=args.system)
     print("[chat] type a message; an empty line or Ctrl-D ends", file=sys.stderr)
-    for line in sys.stdin:
+    for turn, line in enumerate(sys.stdin):
         if not line.strip():
             break
-        responses = conversation.ask(line.strip(), params, args.max_tokens, args.prefill_step_size)
+        content = user_content(line.strip(), args) if turn == 0 else line.strip()
+        responses = conversation.ask(content, params, args.max_tokens, args.prefill_step_size)
         run_turn(responses, conversation.session, args.verbose)
 
 
@@ -107,9 +121,10 @@ def main(argv=None) -> int:
         if args.chat:
             chat(model, processor, params, args)
             return 0
-        tokens = prompt_token_ids(processor, prompt, args.system)
-        session, tokens = session_for_prompt(model, processor, tokens, args)
-        run_turn(session.stream(tokens, params, args.max_tokens, args.prefill_step_size), session, args.verbose)
+        content = user_content(prompt, args)
+        prepared = prepare_prompt(processor, content if isinstance(content, str) else [{"role": "user", "content": content}], args.system)
+        session, prepared = session_for_prompt(model, processor, prepared, args)
+        run_turn(session.stream(prepared, params, args.max_tokens, args.prefill_step_size), session, args.verbose)
         return 0
     except Gemma3nError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -136,6 +136,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=lambda: [1])
     image_token_id: int | None = None
     audio_token_id: int | None = None
+    image_soft_tokens: int = 256
+    audio_soft_tokens: int = 188
     quantization: dict | None = None
 
     @property
@@ -161,6 +163,8 @@ class ModelConfig:
             eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else [eos],
             image_token_id=raw.get("image_token_id"),
             audio_token_id=raw.get("audio_token_id"),
+            image_soft_tokens=raw.get("vision_soft_tokens_per_image", 256),
+            audio_soft_tokens=raw.get("audio_soft_tokens_per_image", 188),
             quantization=raw.get("quantization"),
         )
         if config.is_multimodal:

@@ -13,6 +13,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from .errors import Gemma3nError
+from .processor import Prompt, load_media
 from .sampling import SamplingParams, sample
 
 
@@ -59,15 +60,16 @@ class StreamingDetokenizer:
         return text
 
 
-def prompt_token_ids(processor, prompt, system: str | None = None) -> list[int]:
-    """Token ids for a prompt: a string (one user turn), chat messages, or ready token ids."""
+def prepare_prompt(processor, prompt, system: str | None = None) -> Prompt:
+    """A prompt as a string (one user turn), HF-format chat messages (content strings or parts with
+    text, images and audio), or ready token ids."""
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
+        return Prompt(list(prompt))
     if isinstance(prompt, str):
         if not prompt.strip():
             raise Gemma3nError("the prompt is empty")
         if not processor.chat_template and system is None:
-            return processor.encode(prompt)
+            return Prompt(processor.encode(prompt))
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         messages = list(prompt)
@@ -75,7 +77,7 @@ def prompt_token_ids(processor, prompt, system: str | None = None) -> list[int]:
         raise Gemma3nError("the prompt must be a non-empty string, a list of chat messages or a list of token ids")
     if system is not None:
         messages = [{"role": "system", "content": system}] + messages
-    return processor.encode(processor.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+    return processor.prepare(messages)
 
 
 def sampling_params(processor, **overrides) -> SamplingParams:
@@ -106,17 +108,25 @@ class Session:
     def context_limit(self) -> int:
         return self.model.config.text.max_position_embeddings
 
-    def prefill(self, tokens: list[int], step_size: int) -> mx.array:
-        """Feed `tokens` in chunks; return the logits of the last one."""
+    def prefill(self, tokens: list[int], step_size: int, embeddings: mx.array | None = None) -> mx.array:
+        """Feed `tokens` in chunks (with their `embeddings` when media are merged in); return the
+        logits of the last one."""
         for start in range(0, len(tokens), step_size):
-            logits = self.model(mx.array([tokens[start : start + step_size]]), cache=self.cache, last_token_only=True)
+            chunk = slice(start, start + step_size)
+            logits = self.model(
+                mx.array([tokens[chunk]]), cache=self.cache, last_token_only=True,
+                embeddings=None if embeddings is None else embeddings[:, chunk],
+            )
             mx.eval(logits, [c.state for c in self.cache])
         self.history.extend(tokens)
         return logits[:, -1]
 
     def stream(
-        self, tokens: list[int], params: SamplingParams, max_tokens: int, prefill_step_size: int = 512
+        self, prompt: Prompt | list[int], params: SamplingParams, max_tokens: int, prefill_step_size: int = 512
     ) -> Iterator[GenerationResponse]:
+        """Continue the cache with the prompt's tokens (and media), then generate."""
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
+        tokens = prompt.ids
         if max_tokens <= 0:
             raise Gemma3nError(f"max_tokens must be > 0, got {max_tokens}")
         if not tokens:
@@ -134,7 +144,10 @@ class Session:
             return sample(logits, params, context)
 
         start = time.perf_counter()
-        token = next_token(self.prefill(tokens, prefill_step_size))
+        embeddings = None
+        if prompt.images or prompt.audio:
+            embeddings = self.model.embed_with_media(mx.array([tokens]), prompt.images, prompt.audio)
+        token = next_token(self.prefill(tokens, prefill_step_size, embeddings))
         mx.eval(token)
         prompt_time = time.perf_counter() - start
         prompt_tps = len(tokens) / prompt_time
@@ -186,28 +199,31 @@ class ChatSession:
     def _render(self, messages) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def turn_tokens(self, user_text: str) -> list[int]:
-        """Record the user's turn; the tokens the cache still needs for it."""
+    def turn_tokens(self, content) -> list[int]:
+        """Record the user's turn (a string or content parts); the tokens the cache still needs."""
         previous = self.messages
-        self.messages = previous + [{"role": "user", "content": user_text}]
+        self.messages = previous + [{"role": "user", "content": content}]
         if self.session is not None and previous and previous[-1]["role"] == "assistant":
             with_placeholder = previous[:-1] + [{"role": "assistant", "content": self.PLACEHOLDER}]
             rendered = self._render(with_placeholder + self.messages[-1:])
-            target = self.text + rendered.split(self.PLACEHOLDER, 1)[1]
+            target = self.text + self.processor.expand_media_placeholders(rendered.split(self.PLACEHOLDER, 1)[1])
             held = self.processor.decode(self.session.history)
             if target.startswith(held):
                 self.text = target
                 return self.processor.encode(target[len(held) :], add_bos=False)
-        self.text = self._render(self.messages)
+        self.text = self.processor.expand_media_placeholders(self._render(self.messages))
         self.session = Session(self.model, self.processor)
         return self.processor.encode(self.text, add_bos=False)
 
-    def ask(self, user_text: str, params: SamplingParams, max_tokens: int = 256, prefill_step_size: int = 512):
-        """Stream the reply to one user turn."""
-        tokens = self.turn_tokens(user_text)
+    def ask(self, content, params: SamplingParams, max_tokens: int = 256, prefill_step_size: int = 512):
+        """Stream the reply to one user turn: a string, or HF content parts (text, image, audio)."""
+        tokens = self.turn_tokens(content)
+        held = len(self.session.history)
+        # only this turn's media are new unless the cache was rebuilt from the whole conversation
+        images, audio = load_media(self.messages if held == 0 else self.messages[-1:])
         self.last_prompt_tokens = tokens
         reply = []
-        for response in self.session.stream(tokens, params, max_tokens, prefill_step_size):
+        for response in self.session.stream(Prompt(tokens, images, audio), params, max_tokens, prefill_step_size):
             reply.append(response.text)
             yield response
         self.text += "".join(reply)
@@ -229,7 +245,9 @@ def stream_generate(
     seed: int | None = None,
     prefill_step_size: int = 512,
 ) -> Iterator[GenerationResponse]:
-    """Stream the reply to `prompt` (a string, HF-format chat messages, or token ids).
+    """Stream the reply to `prompt`: a string, HF-format chat messages (content parts may carry
+    images `{"type": "image", "image": path/URL/PIL/array}` and audio `{"type": "audio", "audio":
+    path/array}`), or token ids.
 
     Sampling defaults come from the model's generation_config.json; temperature 0 is greedy.
     """
@@ -238,8 +256,7 @@ def stream_generate(
     )
     if seed is not None:
         mx.random.seed(seed)
-    tokens = prompt_token_ids(processor, prompt, system)
-    yield from Session(model, processor).stream(tokens, params, max_tokens, prefill_step_size)
+    yield from Session(model, processor).stream(prepare_prompt(processor, prompt, system), params, max_tokens, prefill_step_size)
 
 
 def generate(model, processor, prompt, max_tokens: int = 256, **kwargs) -> str:

@@ -7,7 +7,6 @@ before use, so a truncated or corrupt file is reported by name.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,12 +15,11 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig, load_config
 from .errors import Gemma3nError
 from .mapped import MappedEmbedding, TensorLocation, locate, read_header
-from .model import Model
+from .model import TOWERS, Model
 from .quantization import quantize_like_checkpoint
 
 # What a model folder needs; nothing else is downloaded (no pickles, no remote code).
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]
-TOWERS = ("vision_tower.", "audio_tower.")
 SHARED_KV_PARAMS = ("k_proj", "v_proj", "k_norm", "v_norm")
 MAPPED_TABLE = "language_model.embed_tokens_per_layer"
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -114,10 +112,10 @@ def clip_altup_coefficients(weights: dict, config: ModelConfig) -> None:
             weights[name] = mx.clip(weights[name], -clip, clip)
 
 
-def read_weights(model_dir: Path, config: ModelConfig) -> tuple[dict, list[str], dict[str, TensorLocation]]:
-    """Our-named weights, the names of the tower weights set aside, and where the PLE table's
-    tensors lie in their files (they are memory-mapped, not loaded)."""
-    weights, set_aside, mapped = {}, [], {}
+def read_weights(model_dir: Path, config: ModelConfig) -> tuple[dict, dict, dict[str, TensorLocation]]:
+    """Our-named weights of the text model and embedders; each tower's weights (names relative to the
+    tower); and where the PLE table's tensors lie in their files (memory-mapped, not loaded)."""
+    weights, towers, mapped = {}, {tower: {} for tower in TOWERS}, {}
     for file in weight_files(model_dir):
         data_start, header = read_header(file)
         try:
@@ -128,8 +126,9 @@ def read_weights(model_dir: Path, config: ModelConfig) -> tuple[dict, list[str],
             name = our_name(hf_name, config)
             if name is None:
                 continue
-            if name.startswith(TOWERS):
-                set_aside.append(name)
+            head, _, rest = name.partition(".")
+            if head in towers:
+                towers[head][rest] = value
                 continue
             module_path, _, kind = name.rpartition(".")
             location = locate(file, hf_name, data_start, header) if module_path == MAPPED_TABLE else None
@@ -138,7 +137,7 @@ def read_weights(model_dir: Path, config: ModelConfig) -> tuple[dict, list[str],
                 continue
             weights[name] = value
     clip_altup_coefficients(weights, config)
-    return weights, set_aside, mapped
+    return weights, {tower: w for tower, w in towers.items() if w}, mapped
 
 
 def check_names(model: Model, weights: dict) -> None:
@@ -170,13 +169,10 @@ def activation_dtype(config: ModelConfig, dtype):
 
 def load_model(model_dir: Path, dtype=None) -> Model:
     config = load_config(model_dir)
-    model = Model(config)
-    weights, set_aside, mapped = read_weights(model_dir, config)
-    if set_aside:
-        print(
-            f"[mlx_gemma3n] note: {len(set_aside)} vision/audio tower weights set aside (towers not built yet)",
-            file=sys.stderr,
-        )
+    weights, towers, mapped = read_weights(model_dir, config)
+    model = Model(config, towers=tuple(towers) if config.is_multimodal else ())
+    for tower, tower_weights in towers.items():
+        weights.update({f"{tower}.{k}": v for k, v in model[tower].sanitize(tower_weights).items()})
     if config.quantization:
         quantize_like_checkpoint(model, config.quantization, set(weights) | {f"{MAPPED_TABLE}.{k}" for k in mapped})
     if dtype is not None:
@@ -189,5 +185,6 @@ def load_model(model_dir: Path, dtype=None) -> Model:
     model.load_weights(list(weights.items()), strict=True)
     model.activation_dtype = activation_dtype(config, dtype)
     model.eval()
-    mx.eval(model.parameters())
+    # The towers' weights stay in their files until an image or a clip needs them (mx.load is lazy).
+    mx.eval([v for k, v in tree_flatten(model.parameters()) if not k.startswith(TOWERS)])
     return model

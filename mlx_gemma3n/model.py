@@ -9,14 +9,21 @@ import mlx.core as mx
 import numpy as np
 import mlx.nn as nn
 
+from .audio import AudioEncoder
 from .cache import make_cache
 from .config import ModelConfig
+from .errors import Gemma3nError
 from .multimodal import MultimodalEmbedder
 from .text import TextModel
+from .vision import VisionTower
+
+TOWERS = ("vision_tower", "audio_tower")
 
 
 class Model(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Gemma 3n. `towers` names the encoders to build (a checkpoint may come without them)."""
+
+    def __init__(self, config: ModelConfig, towers: tuple[str, ...] = TOWERS):
         super().__init__()
         self.config = config
         self.language_model = TextModel(config.text)
@@ -24,6 +31,10 @@ class Model(nn.Module):
             hidden = config.text.hidden_size
             self.embed_vision = MultimodalEmbedder(config.vision, hidden)
             self.embed_audio = MultimodalEmbedder(config.audio, hidden)
+            if "vision_tower" in towers:
+                self.vision_tower = VisionTower(config.vision_tower)
+            if "audio_tower" in towers:
+                self.audio_tower = AudioEncoder(config.audio_tower)
         self._hard_tokens = None
         # dtype the activations are computed in; None follows the weights (see loader.activation_dtype)
         self.activation_dtype = None
@@ -59,10 +70,53 @@ class Model(nn.Module):
         rows = table[mx.clip(input_ids - first_id, 0, table.shape[0] - 1)]
         return mx.where(in_range[..., None], rows.astype(embeddings.dtype), embeddings)
 
-    def __call__(self, input_ids: mx.array, cache=None, last_token_only=False, capture=None, prefill_shortcut=True):
-        """Logits (B, T, vocab), or (B, 1, vocab) with `last_token_only`."""
-        lm = self.language_model
+    def tower(self, name: str):
+        if name not in self:
+            raise Gemma3nError(f"this model has no {name.replace('_', ' ')}: its checkpoint carries no {name} weights")
+        return self[name]
+
+    def image_soft_tokens(self, pixel_values) -> mx.array:
+        """Preprocessed images (N, H, W, 3) -> their soft-token embeddings (N * 256, hidden)."""
+        tokens = self.embed_vision.embed_soft(self.tower("vision_tower")(mx.array(pixel_values)))
+        return tokens.reshape(-1, tokens.shape[-1])
+
+    def audio_soft_tokens(self, features, mask) -> mx.array:
+        """One clip's log-mel features (T, 128) and valid mask -> its soft-token embeddings.
+
+        As Transformers does, steps past the clip's end and the rest of the model's fixed
+        `audio_soft_tokens_per_image` slots hold the embedding of the last audio vocabulary id.
+        """
+        encodings, valid = self.tower("audio_tower")(mx.array(features)[None], mx.array(mask)[None])
+        tokens = self.embed_audio.embed_soft(encodings)[0]
+        filler = self.embed_audio.hard_table()[-1]
+        tokens = mx.where(valid[0][:, None], tokens, filler)
+        missing = self.config.audio_soft_tokens - tokens.shape[0]
+        return mx.concatenate([tokens, mx.broadcast_to(filler, (missing, tokens.shape[1]))]) if missing > 0 else tokens
+
+    def embed_with_media(self, input_ids: mx.array, images=(), audio=()) -> mx.array:
+        """Token embeddings with the image/audio soft tokens written over their placeholder ids."""
         embeddings = self.embed(input_ids)
+        ids = np.array(input_ids).reshape(-1)
+        flat = embeddings.reshape(-1, embeddings.shape[-1])
+        for token_id, soft in (
+            (self.config.image_token_id, [self.image_soft_tokens(np.stack(images))] if len(images) else []),
+            (self.config.audio_token_id, [self.audio_soft_tokens(*clip) for clip in audio]),
+        ):
+            if not soft:
+                continue
+            soft = mx.concatenate(soft)
+            positions = np.flatnonzero(ids == token_id)
+            if len(positions) != soft.shape[0]:
+                raise Gemma3nError(f"the prompt has {len(positions)} placeholder tokens for {soft.shape[0]} soft tokens")
+            flat[mx.array(positions)] = soft.astype(flat.dtype)
+        return flat.reshape(embeddings.shape)
+
+    def __call__(self, input_ids, cache=None, last_token_only=False, capture=None, prefill_shortcut=True, embeddings=None):
+        """Logits (B, T, vocab), or (B, 1, vocab) with `last_token_only`. `embeddings` (from
+        `embed_with_media`) replaces the token embeddings of `input_ids`."""
+        lm = self.language_model
+        if embeddings is None:
+            embeddings = self.embed(input_ids)
         per_layer_embeddings = lm.per_layer_embeddings(input_ids)
         if self.activation_dtype is not None:
             embeddings = embeddings.astype(self.activation_dtype)

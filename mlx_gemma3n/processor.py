@@ -1,5 +1,7 @@
-"""Prompts -> token ids: the tokenizer (tokenizer.json through the `tokenizers` library) and the model's
-own chat template, rendered the way Transformers' `apply_chat_template` renders it.
+"""Prompts -> model inputs: the tokenizer (tokenizer.json through the `tokenizers` library), the
+model's own chat template (rendered the way Transformers' `apply_chat_template` renders it), and the
+images and audio clips of chat messages, with their placeholders expanded as Transformers'
+Gemma3nProcessor expands them.
 
 Transformers is not imported at run time: it is heavy to import and not needed to tokenize.
 """
@@ -7,14 +9,52 @@ Transformers is not imported at run time: it is heavy to import and not needed t
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .audio_features import extract_features, load_audio
 from .errors import Gemma3nError
+from .image import load_image, preprocess_image
+
+
+@dataclass
+class Prompt:
+    """Token ids and the preprocessed media their placeholders stand for, in order."""
+
+    ids: list[int]
+    images: list[np.ndarray] = field(default_factory=list)  # (768, 768, 3) float32 each
+    audio: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (features, valid mask)
+
+
+def media_source(part: dict, kind: str):
+    for key in (kind, "url", "path"):
+        if part.get(key) is not None:
+            return part[key]
+    raise Gemma3nError(f"a {kind} content part needs an '{kind}', 'url' or 'path' entry")
+
+
+def load_media(messages: list[dict]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """The images and audio clips of HF-format chat messages, loaded and preprocessed, in order."""
+    images, audio = [], []
+    for message in messages:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                images.append(preprocess_image(load_image(media_source(part, "image"))))
+            elif kind == "audio":
+                features, valid = extract_features(load_audio(media_source(part, "audio")))
+                if not valid.any():
+                    raise Gemma3nError("an audio clip is too short: it must be longer than 512 samples (32 ms)")
+                audio.append((features, valid))
+    return images, audio
 
 
 def _read_json(path: Path) -> dict:
@@ -57,6 +97,15 @@ class Processor:
         self.add_bos_token = config.get("add_bos_token", True)
         self.bos_token_id = self.token_id(self.special_tokens.get("bos_token", "<bos>"))
         self.chat_template = self._read_chat_template(model_dir, config)
+        model_config = _read_json(model_dir / "config.json")
+        self.media_sequences = {
+            self.special_tokens[soft]: f"\n\n{self.special_tokens[start]}{self.special_tokens[soft] * count}{self.special_tokens[end]}\n\n"
+            for soft, start, end, count in (
+                ("image_token", "boi_token", "eoi_token", model_config.get("vision_soft_tokens_per_image", 256)),
+                ("audio_token", "boa_token", "eoa_token", model_config.get("audio_soft_tokens_per_image", 188)),
+            )
+            if all(key in self.special_tokens for key in (soft, start, end))
+        }
         generation = _read_json(model_dir / "generation_config.json")
         eos = generation.get("eos_token_id", self.token_id(self.special_tokens.get("eos_token", "<eos>")))
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -101,3 +150,21 @@ class Processor:
             )
         except TemplateError as exc:
             raise Gemma3nError(f"cannot render the chat template: {exc}") from None
+
+    def expand_media_placeholders(self, text: str) -> str:
+        """Each image/audio placeholder -> start token, the soft-token run, end token (Gemma3nProcessor)."""
+        for placeholder, sequence in self.media_sequences.items():
+            text = text.replace(placeholder, sequence)
+        return text
+
+    def prepare(self, messages: list[dict]) -> Prompt:
+        """Chat messages (content strings or parts: text, image, audio) -> Prompt, generation prompt included."""
+        text = self.expand_media_placeholders(self.apply_chat_template(messages, add_generation_prompt=True))
+        images, audio = load_media(messages)
+        ids = self.encode(text, add_bos=False)
+        for kind, placeholder, items in (("image", "image_token", images), ("audio", "audio_token", audio)):
+            sequence = self.media_sequences.get(self.special_tokens.get(placeholder))
+            found = text.count(sequence) if sequence else 0
+            if found != len(items):
+                raise Gemma3nError(f"the prompt has {found} {kind} placeholder(s) for {len(items)} {kind}(s)")
+        return Prompt(ids, images, audio)

@@ -12,12 +12,18 @@ import mlx.nn as nn
 
 from .errors import Gemma3nError
 
-# AltUp's coefficient and router matrices and LAuReL's rank-64 side path are tiny and sensitive.
+# AltUp's coefficient and router matrices and LAuReL's rank-64 side path are tiny and sensitive;
+# the vision and audio towers stay float for now (their convolutions must, their linears untried).
 FLOAT_SUBMODULES = (".altup.", ".laurel.")
+FLOAT_PREFIXES = ("vision_tower.", "audio_tower.")
 
 
 def is_quantizable(path: str, module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) and not any(part in f"{path}." for part in FLOAT_SUBMODULES)
+    return (
+        isinstance(module, (nn.Linear, nn.Embedding))
+        and not any(part in f"{path}." for part in FLOAT_SUBMODULES)
+        and not path.startswith(FLOAT_PREFIXES)
+    )
 
 
 def _head_and_attention_at_8(path: str) -> int:

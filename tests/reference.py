@@ -778,3 +778,14 @@ def reference_greedy(model, input_ids, max_new_tokens: int, stop_at_eos: bool = 
     if not stop_at_eos:
         assert len(new) == int(max_new_tokens), len(new)
     return new
+
+
+def reference_image_processor():
+    """Transformers' image processor with Gemma 3n's published preprocessor_config.json values
+    (768x768, bilinear, rescale 1/255, no normalisation)."""
+    from transformers.models.siglip.image_processing_siglip import SiglipImageProcessor
+
+    return SiglipImageProcessor(
+        size={"height": 768, "width": 768}, resample=2, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=False, do_convert_rgb=True,
+    )

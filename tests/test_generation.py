@@ -13,7 +13,7 @@ from reference import EOS_IDS, reference_greedy
 
 from mlx_gemma3n import load
 from mlx_gemma3n.cache import SlidingKVCache, kv_cache_bytes
-from mlx_gemma3n.generate import ChatSession, Session, StreamingDetokenizer, generate, prompt_token_ids, stream_generate
+from mlx_gemma3n.generate import ChatSession, Session, StreamingDetokenizer, generate, prepare_prompt, stream_generate
 from mlx_gemma3n.sampling import SamplingParams
 
 CONVERSATIONS = [
@@ -51,7 +51,7 @@ def test_response_fields(loaded):
     model, processor = loaded
     responses = list(stream_generate(model, processor, "hello", max_tokens=5, temperature=0.0))
     last = responses[-1]
-    assert last.prompt_tokens == len(prompt_token_ids(processor, "hello"))
+    assert last.prompt_tokens == len(prepare_prompt(processor, "hello").ids)
     assert last.generation_tokens == len(responses) and last.finish_reason in ("stop", "length")
     assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory > 0
     assert all(r.finish_reason is None for r in responses[:-1])
@@ -63,7 +63,7 @@ def test_chat_template_and_tokens_equal_transformers(loaded, tiny_tokenizer, mes
     expected_text = tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert processor.apply_chat_template(messages) == expected_text
     expected_ids = tiny_tokenizer(expected_text, add_special_tokens=False)["input_ids"]
-    assert prompt_token_ids(processor, messages) == expected_ids
+    assert prepare_prompt(processor, messages).ids == expected_ids
 
 
 def test_plain_text_encoding_equals_transformers(loaded, tiny_tokenizer):
