@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mlx_gemma3n.errors import Gemma3nError
+from mlx_gemma3n.errors import Gemma3nError, run_command
 from mlx_gemma3n.quantization import RECIPES
 
 from .convert import convert
@@ -34,18 +34,15 @@ def main(argv=None) -> int:
     parser.add_argument("--upload-repo", help="upload the result to this hub repo (ORG/NAME)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
     args = parser.parse_args(argv)
-    try:
-        folder = convert(
-            args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize or bool(args.quant_recipe),
-            q_bits=args.q_bits, q_group_size=args.q_group_size, quant_recipe=args.quant_recipe, force=args.force,
-        )
-        print(f"[convert] wrote {folder}", file=sys.stderr)
-        if args.upload_repo:
-            upload(folder, args.upload_repo)
-            print(f"[convert] uploaded to https://huggingface.co/{args.upload_repo}", file=sys.stderr)
-        return 0
-    except Gemma3nError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(lambda: convert_and_upload(args))
+
+
+def convert_and_upload(args) -> None:
+    folder = convert(
+        args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize or bool(args.quant_recipe),
+        q_bits=args.q_bits, q_group_size=args.q_group_size, quant_recipe=args.quant_recipe, force=args.force,
+    )
+    print(f"[convert] wrote {folder}", file=sys.stderr)
+    if args.upload_repo:
+        upload(folder, args.upload_repo)
+        print(f"[convert] uploaded to https://huggingface.co/{args.upload_repo}", file=sys.stderr)

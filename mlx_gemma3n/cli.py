@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from . import load
 from .cache import kv_cache_bytes, load_prompt_cache, save_prompt_cache
-from .errors import Gemma3nError
+from .errors import Gemma3nError, run_command
 from .generate import ChatSession, Session, prepare_prompt, sampling_params
 from .processor import Prompt
 from .sampling import SamplingParams
@@ -103,31 +103,27 @@ def chat(model, processor, params, args) -> None:
         run_turn(responses, conversation.session, args.verbose)
 
 
+def generate_from_args(args) -> None:
+    chosen = {
+        "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    SamplingParams(**{k: v for k, v in chosen.items() if v is not None})  # fail before loading
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not args.chat and not prompt.strip():
+        raise Gemma3nError("the prompt is empty")
+    model, processor = load(args.model, dtype=args.dtype)
+    params = sampling_params(processor, **chosen)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    if args.chat:
+        chat(model, processor, params, args)
+        return
+    content = user_content(prompt, args)
+    messages = content if isinstance(content, str) else [{"role": "user", "content": content}]
+    session, prepared = session_for_prompt(model, processor, prepare_prompt(processor, messages, args.system), args)
+    run_turn(session.stream(prepared, params, args.max_tokens, args.prefill_step_size), session, args.verbose)
+
+
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        chosen = {
-            "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-            "repetition_penalty": args.repetition_penalty,
-        }
-        SamplingParams(**{k: v for k, v in chosen.items() if v is not None})  # fail before loading
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        if not args.chat and not prompt.strip():
-            raise Gemma3nError("the prompt is empty")
-        model, processor = load(args.model, dtype=args.dtype)
-        params = sampling_params(processor, **chosen)
-        if args.seed is not None:
-            mx.random.seed(args.seed)
-        if args.chat:
-            chat(model, processor, params, args)
-            return 0
-        content = user_content(prompt, args)
-        prepared = prepare_prompt(processor, content if isinstance(content, str) else [{"role": "user", "content": content}], args.system)
-        session, prepared = session_for_prompt(model, processor, prepared, args)
-        run_turn(session.stream(prepared, params, args.max_tokens, args.prefill_step_size), session, args.verbose)
-        return 0
-    except Gemma3nError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(lambda: generate_from_args(parse_args(argv)))

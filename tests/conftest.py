@@ -28,7 +28,6 @@ special_tokens_map.json and chat_template.jinja.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -48,28 +47,7 @@ if str(SITECUSTOMIZE_DIR) not in _pp:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(SITECUSTOMIZE_DIR)] + _pp)
 
 
-def _load_sitecustomize():
-    # Same module object reference.py uses (it looks it up under this name).
-    mod = sys.modules.get("_gemma3n_tests_sitecustomize")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(
-            "_gemma3n_tests_sitecustomize", SITECUSTOMIZE_DIR / "sitecustomize.py"
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)  # also installs the lazy import hook
-    return mod
-
-
-_sitecustomize = _load_sitecustomize()
-define_torchvision_op_schemas = _sitecustomize.define_torchvision_op_schemas
-if define_torchvision_op_schemas():  # returns False (no-op) when torch is not installed
-    import torch
-
-    # The reference models are tiny: multi-threaded CPU kernels only add
-    # OpenMP spin/contention noise (measured 10-30x slow-downs on a busy 2-core
-    # box). Override with GEMMA3N_TEST_TORCH_THREADS=N.
-    torch.set_num_threads(int(os.environ.get("GEMMA3N_TEST_TORCH_THREADS", "1")))
+import reference  # noqa: E402,F401  (defines the torchvision op schemas for this process on import)
 
 
 class TinyCheckpoint(NamedTuple):
