@@ -14,11 +14,14 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_gemma3n.config import ModelConfig, read_config
 from mlx_gemma3n.errors import Gemma3nError
-from mlx_gemma3n.loader import DTYPES, resolve_model_path, safetensors_names, weight_files, our_name
+from mlx_gemma3n.loader import DTYPES as DTYPE_NAMES
+from mlx_gemma3n.loader import our_name, resolve_model_path, safetensors_names, weight_files
+from mlx_gemma3n.mapped import DTYPES, TensorLocation, locate, read_header
 from mlx_gemma3n.model import TOWERS, Model
 from mlx_gemma3n.quantization import RECIPES, config_block, quantization_plan
 
@@ -31,6 +34,7 @@ COPIED_FILES = (
     "processor_config.json", "preprocessor_config.json",
 )
 MAX_SHARD_BYTES = 5 * 1024**3
+CHUNK_BYTES = 256 * 1024**2
 
 
 def source_names(files: list[Path], config: ModelConfig) -> set[str]:
@@ -80,8 +84,8 @@ def convert(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Convert a Gemma 3n checkpoint (folder or hub id) into an MLX folder; returns its path."""
-    if dtype not in DTYPES:
-        raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    if dtype not in DTYPE_NAMES:
+        raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPE_NAMES)})")
     if quantize and q_bits not in (4, 8):
         raise Gemma3nError(f"--q-bits must be 4 or 8, got {q_bits}")
     if quantize and q_group_size not in (32, 64, 128):
@@ -112,7 +116,7 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_weights(files, config, plan, DTYPES[dtype], ShardWriter(tmp, max_shard_bytes))
+        write_weights(files, config, plan, DTYPE_NAMES[dtype], ShardWriter(tmp, max_shard_bytes))
         out_config = dict(raw_config, dtype=dtype, torch_dtype=dtype)
         if block:
             out_config["quantization"] = block
@@ -130,31 +134,57 @@ def convert(
     return dst
 
 
+def read_rows(location: TensorLocation, start: int, stop: int) -> mx.array:
+    """Rows [start, stop) of a tensor, read from its file into a fresh buffer (nothing stays mapped)."""
+    np_dtype, mx_dtype = DTYPES[location.dtype]
+    row = int(np.prod(location.shape[1:], dtype=np.int64)) if len(location.shape) > 1 else 1
+    count = (stop - start) * row if location.shape else 1
+    offset = location.offset + start * row * np.dtype(np_dtype).itemsize
+    values = np.fromfile(location.file, dtype=np_dtype, count=count, offset=offset)
+    return mx.array(values).view(mx_dtype).reshape(stop - start, *location.shape[1:]) if location.shape else mx.array(values).view(mx_dtype).reshape(())
+
+
+def converted(location: TensorLocation, params: dict | None, dtype) -> dict[str, mx.array]:
+    """One tensor cast (or quantized when `params`), in row chunks of ~CHUNK_BYTES, each evaluated
+    before the next is read: peak memory is one chunk plus the output, whatever the tensor's size."""
+    rows = location.shape[0] if location.shape else 1
+    row_bytes = max(1, int(np.prod(location.shape[1:], dtype=np.int64)) * 4)
+    step = max(1, CHUNK_BYTES // row_bytes)
+    pieces = []
+    for start in range(0, rows, step):
+        chunk = read_rows(location, start, min(rows, start + step))
+        if params:
+            # In float32: rounding to `dtype` first would round twice. At 8 bits a bf16 bias is off by
+            # up to half a quantization step (2^-8 of the range), so 8-bit layers keep float32 scales
+            # and biases (0.5 more bit per weight); at 4 bits the step is 16x wider.
+            bits = params["bits"]
+            packed, scales, biases = mx.quantize(chunk.astype(mx.float32), group_size=params["group_size"], bits=bits)
+            scale_dtype = mx.float32 if bits == 8 else dtype
+            piece = {"weight": packed, "scales": scales.astype(scale_dtype), "biases": biases.astype(scale_dtype)}
+        else:
+            piece = {"weight": chunk.astype(dtype) if mx.issubdtype(chunk.dtype, mx.floating) else chunk}
+        mx.eval(piece)
+        pieces.append(piece)
+    if not location.shape:
+        return pieces[0]
+    return {kind: mx.concatenate([p[kind] for p in pieces]) if len(pieces) > 1 else pieces[0][kind] for kind in pieces[0]}
+
+
 def write_weights(files: list[Path], config: ModelConfig, plan: dict, dtype, writer: ShardWriter) -> None:
-    """Source shard by source shard: rename, cast, quantize, hand to the writer."""
+    """Tensor by tensor, read straight from the files: rename, cast, quantize, hand to the writer."""
     for file in files:
-        try:
-            tensors = mx.load(str(file))
-        except Exception as exc:  # mx.load raises a bare RuntimeError on a corrupt file
-            raise Gemma3nError(f"cannot read {file}: {exc}") from None
-        for hf_name in list(tensors):
-            tensor = tensors.pop(hf_name)
+        data_start, header = read_header(file)
+        for hf_name in header:
             name = our_name(hf_name, config)
             if name is None:
                 continue
+            location = locate(file, hf_name, data_start, header)
+            if location is None:
+                raise Gemma3nError(f"{file}: tensor {hf_name} has dtype {header[hf_name]['dtype']}, not a float or packed type")
             module_path, _, kind = name.rpartition(".")
-            params = plan.get(module_path)
-            if params and kind == "weight":
-                bits = params["bits"]
-                # In float32: rounding to `dtype` first would round twice. At 8 bits a bf16 bias is
-                # off by up to half a quantization step (2^-8 of the range), so 8-bit layers keep
-                # float32 scales and biases (0.5 more bit per weight); at 4 bits the step is 16x wider.
-                packed, scales, biases = mx.quantize(tensor.astype(mx.float32), group_size=params["group_size"], bits=bits)
-                scale_dtype = mx.float32 if bits == 8 else dtype
-                writer.add(name, packed)
-                writer.add(f"{module_path}.scales", scales.astype(scale_dtype))
-                writer.add(f"{module_path}.biases", biases.astype(scale_dtype))
-            else:
-                writer.add(name, tensor.astype(dtype) if mx.issubdtype(tensor.dtype, mx.floating) else tensor)
-        del tensors
+            params = plan.get(module_path) if kind == "weight" else None
+            outputs = converted(location, params, dtype)
+            writer.add(name, outputs.pop("weight"))
+            for extra, tensor in outputs.items():
+                writer.add(f"{module_path}.{extra}", tensor)
     writer.close()
