@@ -1,0 +1,147 @@
+"""Random Hugging Face-format Gemma 3n checkpoints (real E2B / E4B shapes, and `small`), built once
+and cached under benchmarks/cache/.
+
+No torch model is built (a real E2B in float32 torch needs ~20 GB): our model skeleton (lazy, nothing
+allocated) gives the text decoder's names and shapes, mapped back to Hugging Face names, and each
+tensor is generated directly in bfloat16 with MLX, shard by shard. Vision/audio tower weights are left
+out (text benchmarks); the KV-shared layers carry k/v weights like Google's own checkpoints (mlx-lm
+needs them; we and Transformers ignore them).
+
+Values keep activations finite: 1-D scales (norms, AltUp's correct_output_scale) ~1 + N(0, 0.02),
+AltUp coefficient matrices N(0, 0.01), everything else N(0, 0.02). A large tensor repeats a random
+block of ~4M values along its first axis (generating billions of normals takes minutes on 2 cores;
+for timing and memory only the shapes and dtypes matter).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_gemma3n.config import ModelConfig
+from mlx_gemma3n.model import Model
+
+from .tokenizer import write_tokenizer
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / "cache"
+E2B = ROOT.parent / "tests" / "data" / "gemma-3n-E2B-it"
+MAX_SHARD_BYTES = 4 << 30
+BLOCK_VALUES = 1 << 22
+
+
+def e4b_text(text: dict) -> dict:
+    """Transformers' Gemma3nTextConfig() defaults (the real E4B): 35 layers, FFN 16384, 15 KV-shared."""
+    layers = 35
+    return dict(
+        text,
+        num_hidden_layers=layers,
+        intermediate_size=[16384] * layers,
+        num_kv_shared_layers=15,
+        layer_types=["full_attention" if i % 5 == 4 else "sliding_attention" for i in range(layers)],
+        activation_sparsity_pattern=[0.95] * 10 + [0.0] * (layers - 10),
+    )
+
+
+def small_text(text: dict) -> dict:
+    """The E2B layer structure and vocabularies (PLE 262144 x 30 x 256) at reduced width."""
+    return dict(
+        text,
+        hidden_size=256,
+        intermediate_size=[1024] * text["num_hidden_layers"],
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
+
+
+SHAPES = {"small": small_text, "e2b": lambda text: text, "e4b": e4b_text}
+
+
+def hf_config(shape: str) -> dict:
+    config = json.loads((E2B / "config.json").read_text())
+    config["text_config"] = SHAPES[shape](config["text_config"])
+    for part in (config, config["text_config"], config["vision_config"], config["audio_config"]):
+        part["dtype"] = "bfloat16"
+    return config
+
+
+def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> shape of every text-benchmark tensor."""
+    ours = tree_flatten(Model(ModelConfig.from_dict(config)).parameters())
+    shapes = {
+        f"model.{name}": tuple(value.shape)
+        for name, value in ours
+        if name.startswith(("language_model.", "embed_vision.", "embed_audio."))
+    }
+    text = config["text_config"]
+    attention = "model.language_model.layers.{}.self_attn.{}.weight"
+    for layer in range(text["num_hidden_layers"] - text["num_kv_shared_layers"], text["num_hidden_layers"]):
+        for part in ("k_proj", "v_proj", "k_norm"):
+            shapes.setdefault(attention.format(layer, part), shapes[attention.format(0, part)])
+    return shapes
+
+
+def random_tensor(name: str, shape: tuple[int, ...], key: mx.array) -> mx.array:
+    if len(shape) == 1:
+        return 1.0 + 0.02 * mx.random.normal(shape, key=key)
+    std = 0.01 if "altup" in name and "coefs" in name else 0.02
+    block_rows = max(1, min(shape[0], BLOCK_VALUES // math.prod(shape[1:])))
+    block = std * mx.random.normal((block_rows, *shape[1:]), dtype=mx.bfloat16, key=key)
+    repeats = -(-shape[0] // block_rows)
+    return mx.tile(block, (repeats,) + (1,) * (len(shape) - 1))[: shape[0]]
+
+
+def shard_plan(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_weights(folder: Path, config: dict) -> None:
+    shapes = hf_tensor_shapes(config)
+    shards = shard_plan(shapes)
+    weight_map, total = {}, 0
+    key = mx.random.key(0)
+    for index, names in enumerate(shards, 1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            key, sub = mx.random.split(key)
+            tensors[name] = random_tensor(name, shapes[name], sub).astype(mx.bfloat16)
+            mx.eval(tensors[name])
+            total += tensors[name].nbytes
+            weight_map[name] = file
+        mx.save_safetensors(str(folder / file), tensors, metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def ensure_checkpoint(shape: str) -> Path:
+    """The cached random checkpoint of `shape` (built on first use, atomically)."""
+    folder = CACHE / f"hf-{shape}"
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = CACHE / f".hf-{shape}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = hf_config(shape)
+    write_weights(tmp, config)
+    write_tokenizer(tmp)
+    for name in ("chat_template.jinja", "generation_config.json"):
+        shutil.copyfile(E2B / name, tmp / name)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))  # last: marks the folder complete
+    tmp.rename(folder)
+    return folder

@@ -1,0 +1,140 @@
+"""`python -m benchmarks`: mlx-gemma3n beside mlx-lm and Transformers, in one run, on the same random weights.
+
+    python -m benchmarks [--device cpu|gpu] [--quick] [--only ours,mlx-lm] [--runs 3]
+
+CPU (default): timing on `small` (the real layer structure and vocabularies at reduced width; the
+CPU backend takes minutes per prompt at real width), memory and load time on the real E2B and E4B
+shapes (short prompt, few tokens); bf16 and int4 g64. GPU: real shapes, full token counts. `--quick`:
+`small` only, shorter prompt and decode (CPU) / E2B only (GPU). Checkpoints and conversions are
+cached in benchmarks/cache/; tables go to benchmarks/results/latest.md and latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+
+import mlx.core as mx
+
+from . import report
+from .checkpoints import ensure_checkpoint
+from .roofline import bandwidth_gbps, weight_bytes_per_token
+from .runtimes import RUNTIMES, model_dir, run_once
+
+
+@dataclass(frozen=True)
+class Setting:
+    prompts: tuple[int, ...]
+    decode: int
+    warmup: int
+
+
+TIMING = Setting((512, 2048), 64, 16)
+QUICK_TIMING = Setting((128,), 16, 16)
+MEMORY = Setting((16,), 4, 0)
+
+
+def plan(device: str, quick: bool) -> list[tuple[str, str, str, Setting]]:
+    """(shape, dtype, mode, setting) of every table."""
+    dtypes = ("bf16", "int4")
+    if device == "gpu":
+        return [(s, d, "timing", TIMING) for s in (("e2b",) if quick else ("e2b", "e4b")) for d in dtypes]
+    cases = [("small", d, "timing", QUICK_TIMING if quick else TIMING) for d in dtypes]
+    return cases + ([] if quick else [(s, d, "memory + load", MEMORY) for s in ("e2b", "e4b") for d in dtypes])
+
+
+def log(message: str) -> None:
+    print(f"[benchmarks {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def timed(label: str, prepared: dict, function, *args):
+    start = time.perf_counter()
+    result = function(*args)
+    prepared[label] = prepared.get(label, 0.0) + time.perf_counter() - start
+    return result
+
+
+def machine(device: str) -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    text = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB RAM"
+    if device == "gpu":
+        text += f", GPU: {mx.device_info().get('device_name', 'unknown')}"
+    return text + f", MLX default device {mx.default_device()}"
+
+
+def versions() -> str:
+    found = []
+    for package in ("mlx", "mlx-lm", "transformers", "torch", "mlx-gemma3n"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def prepare(shape: str, dtype: str, runtimes: list, prepared: dict) -> dict:
+    """Build / convert (cached) what the runtimes load; time each step into `prepared`."""
+    log(f"preparing {shape} {dtype}")
+    src = timed(f"build hf-{shape}", prepared, ensure_checkpoint, shape)
+    folders = {r.name: timed(f"prepare {r.name} {shape} {dtype}", prepared, model_dir, r, shape, dtype, src)
+               for r in runtimes}
+    weights = folders.get("ours", folders[runtimes[0].name])
+    return dict(shape=shape, dtype=dtype, bytes_per_token=weight_bytes_per_token(weights),
+                folders={name: str(folder) for name, folder in folders.items()}, runs={r.name: [] for r in runtimes})
+
+
+def measure(case: dict, setting: Setting, runtimes: list, bandwidth: float, runs: int, device: str) -> None:
+    """`runs` fresh-process runs of each runtime, interleaved, into case["runs"]."""
+    case["roofline_tps"] = bandwidth * 1e9 / case["bytes_per_token"]
+    prompts = ",".join(map(str, setting.prompts))
+    for index in range(runs):
+        for runtime in runtimes:
+            log(f"{case['shape']} {case['dtype']}: {runtime.name} run {index + 1}/{runs}")
+            folder = case["folders"][runtime.name]
+            result = run_once(runtime, folder, prompts, setting.decode, setting.warmup, device)
+            if result.get("decode_tps"):
+                result["roofline_pct"] = 100 * result["decode_tps"] / case["roofline_tps"]
+            log(f"  {result}")
+            case["runs"][runtime.name].append(result)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="small shape only (CPU), E2B only (GPU), fewer tokens")
+    parser.add_argument("--only", default=",".join(RUNTIMES), help=f"comma-separated subset of {','.join(RUNTIMES)}")
+    parser.add_argument("--shapes", default="small,e2b,e4b", help="comma-separated subset of small,e2b,e4b")
+    parser.add_argument("--runs", type=int, default=3, help="runs per runtime and table (interleaved)")
+    args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(RUNTIMES)
+    if unknown:
+        parser.error(f"unknown runtimes: {', '.join(sorted(unknown))}")
+    if args.device == "gpu" and not mx.is_available(mx.gpu):
+        parser.error("MLX has no GPU on this machine")
+    mx.set_default_device(getattr(mx, args.device))
+    selected = [RUNTIMES[name] for name in args.only.split(",") if args.device in RUNTIMES[name].devices]
+
+    prepared, cases = {}, []
+    for shape, dtype, mode, setting in plan(args.device, args.quick):
+        runtimes = [r for r in selected if dtype in r.dtypes]
+        if shape in args.shapes.split(",") and runtimes:
+            case = prepare(shape, dtype, runtimes, prepared)
+            case.update(mode=mode, prompts=list(setting.prompts), decode=setting.decode, runs_each=args.runs)
+            cases.append((case, setting, runtimes))
+    bandwidth = bandwidth_gbps()
+    for case, setting, runtimes in cases:
+        measure(case, setting, runtimes, bandwidth, args.runs, args.device)
+    meta = dict(
+        command="python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv),
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(args.device),
+        versions=versions(), bandwidth_gbps=bandwidth, preparation_s=prepared,
+        bandwidth_method=f"best of 5 MLX copies (a + 1) of 1 GiB of float32 on {mx.default_device()}",
+    )
+    log(f"wrote {report.write(meta, [case for case, _, _ in cases])}")

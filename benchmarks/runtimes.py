@@ -1,0 +1,83 @@
+"""The runtimes compared, how each gets its model folder (its own converter, cached), and how a runner
+process is started.
+
+bf16 rows: on `small` each MLX runtime converts with its own tool; on the real shapes every runtime
+loads the random bf16 Hugging Face checkpoint directly (a bf16 conversion only renames tensors, and
+three 9-14 GB copies per shape would not fit the disk). int4 rows: each runtime's own converter,
+affine 4 bits, group size 64 (mlx-lm's defaults). Transformers runs bf16 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .checkpoints import CACHE, ROOT
+
+REPO = ROOT.parent
+QUANT = ["-q", "--q-bits", "4", "--q-group-size", "64"]
+
+
+def environment() -> dict:
+    """Peers import Transformers' Gemma 3n tokenizer/processor, which needs the test suite's
+    torchvision op-schema hook (tests/sitecustomize); the repo root makes `benchmarks` importable."""
+    paths = [str(REPO / "tests" / "sitecustomize"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+
+
+def ours_convert(src: Path, dst: Path, dtype: str) -> list[str]:
+    args = [sys.executable, "-m", "mlx_gemma3n.convert", "--hf-path", str(src), "--mlx-path", str(dst)]
+    return args + ["--dtype", "bfloat16"] + (QUANT if dtype == "int4" else [])
+
+
+def mlx_lm_convert(src: Path, dst: Path, dtype: str) -> list[str]:
+    args = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(dst)]
+    return args + ["--dtype", "bfloat16"] + (QUANT if dtype == "int4" else [])
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    runner: str  # module under benchmarks.runners
+    convert: Callable[[Path, Path, str], list[str]] | None = None
+    dtypes: tuple[str, ...] = ("bf16", "int4")
+    devices: tuple[str, ...] = ("cpu", "gpu")
+
+
+RUNTIMES = {
+    "ours": Runtime("ours", "ours", ours_convert),
+    "mlx-lm": Runtime("mlx-lm", "mlxlm", mlx_lm_convert),
+    "transformers": Runtime("transformers", "hf", dtypes=("bf16",), devices=("cpu",)),
+}
+
+
+def model_dir(runtime: Runtime, shape: str, dtype: str, src: Path) -> Path:
+    """The folder `runtime` loads for (shape, dtype), converting once into the cache."""
+    if runtime.convert is None or (dtype == "bf16" and shape != "small"):
+        return src
+    dst = CACHE / f"{runtime.name}-{shape}-{dtype}"
+    if (dst / "config.json").is_file():
+        return dst
+    tmp = CACHE / f".{dst.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(runtime.convert(src, tmp, dtype), check=True, env=environment(), cwd=REPO)
+    tmp.rename(dst)
+    return dst
+
+
+def run_once(runtime: Runtime, folder: Path, prompts: str, decode: int, warmup: int, device: str) -> dict:
+    """One measurement in a fresh process; the runner's RESULT line as a dict (or its error)."""
+    command = [sys.executable, "-m", f"benchmarks.runners.{runtime.runner}", "--model", str(folder),
+               "--prompts", prompts, "--decode", str(decode), "--warmup", str(warmup)]
+    env = dict(environment(), BENCH_DEVICE=device)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
