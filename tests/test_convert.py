@@ -201,3 +201,15 @@ def test_cli(tiny_ckpt_a, tmp_path):
     bad = subprocess.run(run + ["--mlx-path", str(tmp_path / "x"), "-q", "--q-bits", "2"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --q-bits must be 4 or 8, got 2"
     assert not (tmp_path / "x").exists()
+
+
+def test_failed_upload_keeps_the_folder_and_says_why(tiny_ckpt_a, tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_gemma3n.convert", "--hf-path", str(tiny_ckpt_a.path), "--mlx-path",
+         str(tmp_path / "out"), "--upload-repo", "someone/gemma-3n-test"],
+        capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "upload to 'someone/gemma-3n-test' failed" in result.stderr
+    assert load(tmp_path / "out")
