@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 from mlx_gemma3n import Gemma3nError, load
@@ -213,3 +214,17 @@ def test_failed_upload_keeps_the_folder_and_says_why(tiny_ckpt_a, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "upload to 'someone/gemma-3n-test' failed" in result.stderr
     assert load(tmp_path / "out")
+
+
+def test_converted_folder_keeps_working_towers(tiny_ckpt_a, tmp_path):
+    """Tower weights pass through conversion (float, PyTorch layout) and the towers give the same
+    outputs (the embedders' projections after them are quantized like any Linear)."""
+    original, _ = load(tiny_ckpt_a.path)
+    converted, _ = load(convert(str(tiny_ckpt_a.path), tmp_path / "out", dtype="float32", quantize=True, q_group_size=32))
+    rng = np.random.default_rng(0)
+    pixels = rng.random((1, 256, 256, 3), dtype=np.float32)
+    features, valid = rng.standard_normal((40, 128)).astype(np.float32), np.ones(40, dtype=bool)
+    assert mx.array_equal(original.vision_tower(mx.array(pixels)), converted.vision_tower(mx.array(pixels)))
+    audio_in = (mx.array(features)[None], mx.array(valid)[None])
+    assert mx.array_equal(original.audio_tower(*audio_in)[0], converted.audio_tower(*audio_in)[0])
+    assert isinstance(converted.embed_vision.embedding_projection, nn.QuantizedLinear)
