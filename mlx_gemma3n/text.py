@@ -211,18 +211,18 @@ class TextModel(nn.Module):
         self.altup_unembed_projections = [nn.Linear(hidden, hidden, bias=False) for _ in range(n_extra)]
         self.layers = [DecoderLayer(config, i) for i in range(n_layers)]
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.embed_scale = math.sqrt(hidden)
+        self.per_layer_embed_scale = math.sqrt(ple)
 
     def embed(self, input_ids: mx.array) -> mx.array:
-        rows = self.embed_tokens(input_ids)
-        # the scale is rounded to the weights' dtype first, as the reference does
-        return rows * mx.array(math.sqrt(self.config.hidden_size), dtype=rows.dtype)
+        # A Python scalar takes the array's dtype: the scale is rounded to it first, as in the reference.
+        return self.embed_tokens(input_ids) * self.embed_scale
 
     def per_layer_embeddings(self, input_ids: mx.array) -> mx.array:
         """PLE table rows (B, T, layers, ple); ids outside the table (multimodal ids) use row 0."""
         cfg = self.config
         in_table = (input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input)
-        rows = self.embed_tokens_per_layer(mx.where(in_table, input_ids, 0))
-        rows = rows * mx.array(math.sqrt(cfg.hidden_size_per_layer_input), dtype=rows.dtype)
+        rows = self.embed_tokens_per_layer(mx.where(in_table, input_ids, 0)) * self.per_layer_embed_scale
         return rows.reshape(*input_ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
 
     def per_layer_inputs(self, embeddings: mx.array, per_layer_embeddings: mx.array) -> mx.array:
