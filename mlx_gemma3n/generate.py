@@ -189,10 +189,10 @@ class ChatSession:
 
     PLACEHOLDER = "\x00reply\x00"
 
-    def __init__(self, model, processor, system: str | None = None, session: Session | None = None):
+    def __init__(self, model, processor, system: str | None = None):
         self.model, self.processor = model, processor
         self.messages = [{"role": "system", "content": system}] if system else []
-        self.session = session
+        self.session: Session | None = None
         self.text = ""  # what the conversation so far says, as the cache should hold it
         self.last_prompt_tokens: list[int] = []
 
