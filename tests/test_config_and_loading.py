@@ -168,3 +168,22 @@ def test_dtype_override_and_checkpoint_dtype(tiny_ckpt_a):
     assert model.language_model.layers[0].mlp.up_proj.weight.dtype == mx.float16
     with pytest.raises(Gemma3nError, match="unknown dtype 'int3'"):
         load(tiny_ckpt_a.path, dtype="int3")
+
+
+def test_ple_table_and_towers_stay_out_of_memory_after_load(tiny_ckpt_a):
+    """The PLE table is read from its file a row at a time; tower weights load on first use."""
+    from mlx_gemma3n.mapped import MappedEmbedding
+
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    model, _ = load(tiny_ckpt_a.path)
+    resident = mx.get_active_memory() - before
+    table = model.language_model.embed_tokens_per_layer
+    assert isinstance(table, MappedEmbedding)
+    text = model.config.text
+    ple_bytes = text.vocab_size_per_layer_input * text.num_hidden_layers * text.hidden_size_per_layer_input * 4
+    towers = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k.startswith(("vision_tower", "audio_tower")))
+    others = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if not k.startswith(("vision_tower", "audio_tower")))
+    assert towers > 0 and resident < others + ple_bytes // 2 and resident < others + towers // 2
+    rows = table(mx.array([[5, 0]]))
+    assert rows.shape == (1, 2, text.num_hidden_layers * text.hidden_size_per_layer_input)
