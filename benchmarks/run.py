@@ -5,7 +5,9 @@
 CPU (default): timing on `small` (the real layer structure and vocabularies at reduced width; the
 CPU backend takes minutes per prompt at real width), memory and load time on the real E2B and E4B
 shapes (short prompt, few tokens); bf16 and int4 g64. GPU: real shapes, full token counts. `--quick`:
-`small` only, shorter prompt and decode (CPU) / E2B only (GPU). Checkpoints and conversions are
+`small` only, shorter prompt and decode (CPU) / E2B only (GPU). Media (ours, mlx-vlm): image and audio
+encode time and time to first token on `small-mm` (`small` text, real vision tower at a 256 x 256
+image, 2-layer audio tower; see checkpoints.py), one run each with `--quick`. Checkpoints and conversions are
 cached in benchmarks/cache/; tables go to benchmarks/results/latest.md and latest.json.
 """
 
@@ -24,7 +26,7 @@ from importlib.metadata import PackageNotFoundError, version
 import mlx.core as mx
 
 from . import report
-from .checkpoints import ensure_checkpoint
+from .checkpoints import MEDIA, ensure_checkpoint, ensure_media
 from .roofline import bandwidth_gbps, weight_bytes_per_token
 from .runtimes import RUNTIMES, model_dir, run_once
 
@@ -39,6 +41,7 @@ class Setting:
 TIMING = Setting((512, 2048), 64, 16)
 QUICK_TIMING = Setting((128,), 16, 16)
 MEMORY = Setting((16,), 4, 0)
+MEDIA_SETTING = Setting((), 1, 16)  # per kind: encode, then time to first token (1 token)
 
 
 def plan(device: str, quick: bool) -> list[tuple[str, str, str, Setting]]:
@@ -47,6 +50,7 @@ def plan(device: str, quick: bool) -> list[tuple[str, str, str, Setting]]:
     if device == "gpu":
         return [(s, d, "timing", TIMING) for s in (("e2b",) if quick else ("e2b", "e4b")) for d in dtypes]
     cases = [("small", d, "timing", QUICK_TIMING if quick else TIMING) for d in dtypes]
+    cases += [("small-mm", "bf16", "media", MEDIA_SETTING)]
     return cases + ([] if quick else [(s, d, "memory + load", MEMORY) for s in ("e2b", "e4b") for d in dtypes])
 
 
@@ -71,7 +75,7 @@ def machine(device: str) -> str:
 
 def versions() -> str:
     found = []
-    for package in ("mlx", "mlx-lm", "transformers", "torch", "mlx-gemma3n"):
+    for package in ("mlx", "mlx-lm", "mlx-vlm", "transformers", "torch", "mlx-gemma3n"):
         try:
             found.append(f"{package} {version(package)}")
         except PackageNotFoundError:
@@ -90,8 +94,22 @@ def prepare(shape: str, dtype: str, runtimes: list, prepared: dict) -> dict:
                 folders={name: str(folder) for name, folder in folders.items()}, runs={r.name: [] for r in runtimes})
 
 
+def measure_media(case: dict, runtimes: list, runs: int, device: str) -> None:
+    """Image and audio rows: `runs` fresh-process runs of each runtime, interleaved."""
+    media = {kind: str(path) for kind, path in ensure_media().items()}
+    case["media"] = media
+    for index in range(runs):
+        for runtime in runtimes:
+            log(f"{case['shape']} {case['dtype']} media: {runtime.name} run {index + 1}/{runs}")
+            result = run_once(runtime, case["folders"][runtime.name], "16", 1, 16, device, media)
+            log(f"  {result}")
+            case["runs"][runtime.name].append(result)
+
+
 def measure(case: dict, setting: Setting, runtimes: list, bandwidth: float, runs: int, device: str) -> None:
     """`runs` fresh-process runs of each runtime, interleaved, into case["runs"]."""
+    if case["mode"] == "media":
+        return measure_media(case, runtimes, runs, device)
     case["roofline_tps"] = bandwidth * 1e9 / case["bytes_per_token"]
     prompts = ",".join(map(str, setting.prompts))
     for index in range(runs):
@@ -110,8 +128,11 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="small shape only (CPU), E2B only (GPU), fewer tokens")
     parser.add_argument("--only", default=",".join(RUNTIMES), help=f"comma-separated subset of {','.join(RUNTIMES)}")
-    parser.add_argument("--shapes", default="small,e2b,e4b", help="comma-separated subset of small,e2b,e4b")
+    parser.add_argument("--shapes", default="small,small-mm,e2b,e4b",
+                        help="comma-separated subset of small,small-mm (image / audio rows),e2b,e4b")
     parser.add_argument("--runs", type=int, default=3, help="runs per runtime and table (interleaved)")
+    parser.add_argument("--media-runs", type=int, help="runs per runtime of the image / audio rows "
+                        "(default: --runs; 1 with --quick)")
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(RUNTIMES)
     if unknown:
@@ -123,14 +144,18 @@ def main(argv=None) -> None:
 
     prepared, cases = {}, []
     for shape, dtype, mode, setting in plan(args.device, args.quick):
-        runtimes = [r for r in selected if dtype in r.dtypes]
+        runtimes = [r for r in selected if dtype in r.dtypes and (r.media or mode != "media")
+                    and (not r.needs_towers or shape in MEDIA or f"{shape}-mm" in MEDIA)]
         if shape in args.shapes.split(",") and runtimes:
             case = prepare(shape, dtype, runtimes, prepared)
-            case.update(mode=mode, prompts=list(setting.prompts), decode=setting.decode, runs_each=args.runs)
+            runs = args.runs
+            if mode == "media":
+                runs = args.media_runs or (1 if args.quick else args.runs)
+            case.update(mode=mode, prompts=list(setting.prompts), decode=setting.decode, runs_each=runs)
             cases.append((case, setting, runtimes))
     bandwidth = bandwidth_gbps()
     for case, setting, runtimes in cases:
-        measure(case, setting, runtimes, bandwidth, args.runs, args.device)
+        measure(case, setting, runtimes, bandwidth, case["runs_each"], args.device)
     meta = dict(
         command="python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(args.device),

@@ -5,6 +5,10 @@ bf16 rows: on `small` each MLX runtime converts with its own tool; on the real s
 loads the random bf16 Hugging Face checkpoint directly (a bf16 conversion only renames tensors, and
 three 9-14 GB copies per shape would not fit the disk). int4 rows: each runtime's own converter,
 affine 4 bits, group size 64 (mlx-lm's defaults). Transformers runs bf16 only.
+
+mlx-vlm loads only checkpoints with tower weights: its bf16 text rows load the media checkpoint
+(`hf-small-mm`: the same `small` text shapes, other random values) directly, no int4 (its converter
+would quantize the towers too). Media rows (ours, mlx-vlm): both load `hf-small-mm` directly.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoints import CACHE, ROOT
+from .checkpoints import CACHE, MEDIA, ROOT, ensure_checkpoint
 
 REPO = ROOT.parent
 QUANT = ["-q", "--q-bits", "4", "--q-group-size", "64"]
@@ -48,17 +52,24 @@ class Runtime:
     convert: Callable[[Path, Path, str], list[str]] | None = None
     dtypes: tuple[str, ...] = ("bf16", "int4")
     devices: tuple[str, ...] = ("cpu", "gpu")
+    media: bool = False  # has image / audio rows
+    needs_towers: bool = False  # loads only checkpoints with tower weights
 
 
 RUNTIMES = {
-    "ours": Runtime("ours", "ours", ours_convert),
+    "ours": Runtime("ours", "ours", ours_convert, media=True),
     "mlx-lm": Runtime("mlx-lm", "mlxlm", mlx_lm_convert),
+    "mlx-vlm": Runtime("mlx-vlm", "mlxvlm", dtypes=("bf16",), media=True, needs_towers=True),
     "transformers": Runtime("transformers", "hf", dtypes=("bf16",), devices=("cpu",)),
 }
 
 
 def model_dir(runtime: Runtime, shape: str, dtype: str, src: Path) -> Path:
     """The folder `runtime` loads for (shape, dtype), converting once into the cache."""
+    if shape in MEDIA:
+        return src
+    if runtime.needs_towers:
+        return ensure_checkpoint(f"{shape}-mm")
     if runtime.convert is None or (dtype == "bf16" and shape != "small"):
         return src
     dst = CACHE / f"{runtime.name}-{shape}-{dtype}"
@@ -71,10 +82,14 @@ def model_dir(runtime: Runtime, shape: str, dtype: str, src: Path) -> Path:
     return dst
 
 
-def run_once(runtime: Runtime, folder: Path, prompts: str, decode: int, warmup: int, device: str) -> dict:
-    """One measurement in a fresh process; the runner's RESULT line as a dict (or its error)."""
+def run_once(runtime: Runtime, folder: Path, prompts: str, decode: int, warmup: int, device: str,
+             media: dict | None = None) -> dict:
+    """One measurement in a fresh process; the runner's RESULT line as a dict (or its error).
+    `media` ({"image": path, "audio": path}): the image / audio measurement instead of text prompts."""
     command = [sys.executable, "-m", f"benchmarks.runners.{runtime.runner}", "--model", str(folder),
                "--prompts", prompts, "--decode", str(decode), "--warmup", str(warmup)]
+    if media:
+        command += ["--media", ",".join(media)] + [a for kind, path in media.items() for a in (f"--{kind}", str(path))]
     env = dict(environment(), BENCH_DEVICE=device)
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     for line in done.stdout.splitlines():

@@ -48,12 +48,44 @@ def timed(stream, handle, ids: list[int], max_tokens: int) -> tuple[float, float
     return first - start, last - first, count
 
 
-def run(load, stream, mlx: bool = True) -> None:
+def measure_media(handle, stream, media, args, result: dict) -> None:
+    """Image / audio figures: after a 16-token text warm-up (which also pages in lazily loaded weights),
+    per kind: the encode alone (tower + embedder on preprocessed input, first call), then time to first
+    token of a fresh one-turn chat prompt holding the media and a short text (preprocessing included).
+    MLX peak per kind, reset before it."""
+    import mlx.core as mx
+
+    encoder, media_stream = media  # encoder -> a callable returning the soft tokens; media_stream
+    # (handle, kind, source, max_tokens) -> a generator yielding, per new token, the prompt's length
+    sources = {"image": args.image, "audio": args.audio}
+    timed(stream, handle, prompt_ids(16), 2)
+    for kind in args.media.split(","):
+        mx.reset_peak_memory()
+        encode = encoder(handle, kind, sources[kind])  # preprocessing here, untimed
+        start = time.perf_counter()
+        out = encode()
+        mx.eval(out)
+        result[f"{kind}_encode_s"] = time.perf_counter() - start
+        result[f"{kind}_soft_tokens_finite"] = bool(mx.isfinite(out).all().item())
+        result[f"{kind}_soft_tokens_shape"] = list(out.shape)
+        start = time.perf_counter()
+        tokens = next(iter(media_stream(handle, kind, sources[kind], 1)))
+        result[f"{kind}_ttft_s"] = time.perf_counter() - start
+        result[f"{kind}_prompt_tokens"] = tokens
+        result[f"{kind}_mlx_peak_gb"] = mx.get_peak_memory() / 1e9
+        del out
+
+
+def run(load, stream, mlx: bool = True, media=None) -> None:
+    """`media`: (encoder, media_stream) for `--media image,audio` runs (see `measure_media`)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", default="512", help="comma-separated prompt lengths")
     parser.add_argument("--decode", type=int, default=64, help="tokens generated after the first prompt")
     parser.add_argument("--warmup", type=int, default=16, help="warm-up prompt length (0: none)")
+    parser.add_argument("--media", default="", help="image,audio: measure media instead of text prompts")
+    parser.add_argument("--image", help="image file (--media)")
+    parser.add_argument("--audio", help="16 kHz mono WAV file (--media)")
     args = parser.parse_args()
     if mlx:
         import mlx.core as mx
@@ -64,6 +96,11 @@ def run(load, stream, mlx: bool = True) -> None:
     if mlx:
         result["mlx_peak_with_load_gb"] = mx.get_peak_memory() / 1e9
         mx.reset_peak_memory()
+    if args.media:
+        measure_media(handle, stream, media, args, result)
+        result["max_rss_gb"] = max_rss_bytes() / 1e9
+        print("RESULT " + json.dumps(result), flush=True)
+        return
     if args.warmup:
         timed(stream, handle, prompt_ids(args.warmup), 2)
     peak = 0.0

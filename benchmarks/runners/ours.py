@@ -1,13 +1,34 @@
 """mlx-gemma3n through its public API: `load`, and a generation `Session` (what `stream_generate`
-runs) with end-of-sequence ids cleared, greedy."""
+runs) with end-of-sequence ids cleared, greedy.
+
+Media (`--media`): the image encode is `model.image_soft_tokens` on the preprocessed pixels, the audio
+encode `model.audio_soft_tokens` on the clip's features; time to first token runs `prepare_prompt`
+(media loading and preprocessing) and a fresh `Session`. Images are resized to the checkpoint
+preprocessor's size (the benchmark's reduced 256 x 256; our processor otherwise always uses 768).
+"""
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile
 
 from mlx_gemma3n import load as load_model
-from mlx_gemma3n.generate import Session, sampling_params
+from mlx_gemma3n import processor as processor_module
+from mlx_gemma3n.generate import Session, prepare_prompt, sampling_params
+from mlx_gemma3n.image import preprocess_image
 
 from .measure import run
 
+MEDIA_TEXT = "describe"
+
 
 def load(path):
+    config = Path(path) / "preprocessor_config.json"
+    if config.is_file():  # the image size mlx-vlm / Transformers resize to, for the same pixels
+        size = json.loads(config.read_text())["size"]["height"]
+        processor_module.preprocess_image = functools.partial(preprocess_image, size=size)
     return load_model(path)
 
 
@@ -18,5 +39,31 @@ def stream(handle, ids, max_tokens):
     yield from session.stream(ids, sampling_params(processor, temperature=0.0), max_tokens)
 
 
+@functools.lru_cache
+def media_source(kind, source):
+    """Audio as a float32 array, read once before any timing (mlx-vlm is given the same array)."""
+    return soundfile.read(source, dtype="float32")[0] if kind == "audio" else source
+
+
+def media_prompt(handle, kind, source):
+    return prepare_prompt(handle[1], [{"role": "user", "content": [{"type": kind, kind: source},
+                                                                   {"type": "text", "text": MEDIA_TEXT}]}])
+
+
+def encoder(handle, kind, source):
+    model = handle[0]
+    prompt = media_prompt(handle, kind, media_source(kind, source))
+    if kind == "image":
+        return lambda: model.image_soft_tokens(np.stack(prompt.images))
+    return lambda: model.audio_soft_tokens(*prompt.audio[0])
+
+
+def media_stream(handle, kind, source, max_tokens):
+    source = media_source(kind, source)
+    prompt = media_prompt(handle, kind, source)
+    for _ in stream(handle, prompt, max_tokens):
+        yield len(prompt.ids)
+
+
 if __name__ == "__main__":
-    run(load, stream)
+    run(load, stream, media=(encoder, media_stream))
