@@ -7,7 +7,6 @@ Bar: features within 1e-5 of max |ref|, encoder and embeddings within 1e-4 of ma
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -229,9 +228,7 @@ def random_like_trained(p: mx.array) -> mx.array:
     return (mx.random.normal(p.shape) * p.shape[-1] ** -0.5).astype(mx.bfloat16)
 
 
-@pytest.mark.skipif(
-    os.environ.get("GEMMA3N_SLOW_TESTS") != "1", reason="~3 min on a 2-core CPU; set GEMMA3N_SLOW_TESTS=1"
-)
+@pytest.mark.slow
 def test_real_shape_10_s_clip():
     encoder = AudioEncoder(real_audio_config())
     encoder.update(tree_map(random_like_trained, encoder.parameters()))

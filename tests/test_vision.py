@@ -8,7 +8,6 @@ import http.server
 import io
 import json
 import math
-import os
 import threading
 import time
 from pathlib import Path
@@ -155,7 +154,7 @@ def test_real_config_parameter_names():
     assert {name for name, _ in tree_flatten(real_tower().parameters())} == expected
 
 
-@pytest.mark.skipif(os.environ.get("GEMMA3N_SLOW_TESTS") != "1", reason="minutes on CPU; GEMMA3N_SLOW_TESTS=1")
+@pytest.mark.slow
 def test_real_tower_runs_768():
     tower = real_tower()
 
