@@ -15,13 +15,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mlx_gemma3n.config import ModelConfig, read_config
 from mlx_gemma3n.errors import Gemma3nError
-from mlx_gemma3n.loader import DTYPES as DTYPE_NAMES
-from mlx_gemma3n.loader import our_name, resolve_model_path, safetensors_names, weight_files
-from mlx_gemma3n.mapped import DTYPES, TensorLocation, locate, read_header
+from mlx_gemma3n.loader import COMPUTE_DTYPES, check_names, our_name, resolve_model_path, safetensors_names, weight_files
+from mlx_gemma3n.mapped import SAFETENSORS_DTYPES, TensorLocation, locate, read_header
 from mlx_gemma3n.model import TOWERS, Model
 from mlx_gemma3n.quantization import RECIPES, config_block, quantization_plan
 
@@ -39,16 +37,6 @@ CHUNK_BYTES = 256 * 1024**2
 
 def source_names(files: list[Path], config: ModelConfig) -> set[str]:
     return {name for file in files for name in map(lambda n: our_name(n, config), safetensors_names(file)) if name}
-
-
-def check_source_names(found: set[str], model: Model) -> None:
-    """Every parameter of the model is in the checkpoint and nothing unknown is."""
-    expected = {name for name, _ in tree_flatten(model.parameters())}
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing or unexpected:
-        raise Gemma3nError(
-            f"the checkpoint does not match its Gemma 3n config: missing {missing[:10]}, unexpected {unexpected[:10]}"
-        )
 
 
 def prepare_destination(dst: Path, force: bool) -> None:
@@ -84,8 +72,8 @@ def convert(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Convert a Gemma 3n checkpoint (folder or hub id) into an MLX folder; returns its path."""
-    if dtype not in DTYPE_NAMES:
-        raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPE_NAMES)})")
+    if dtype not in COMPUTE_DTYPES:
+        raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(COMPUTE_DTYPES)})")
     if quantize and q_bits not in (4, 8):
         raise Gemma3nError(f"--q-bits must be 4 or 8, got {q_bits}")
     if quantize and q_group_size not in (32, 64, 128):
@@ -102,7 +90,7 @@ def convert(
     found = source_names(files, config)
     towers = tuple(t for t in TOWERS if any(name.startswith(f"{t}.") for name in found))
     skeleton = Model(config, towers=towers if config.is_multimodal else ())  # lazy: no weights allocated
-    check_source_names(found, skeleton)
+    check_names(skeleton, found)
 
     block = None
     plan = {}
@@ -116,7 +104,7 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_weights(files, config, plan, DTYPE_NAMES[dtype], ShardWriter(tmp, max_shard_bytes))
+        write_weights(files, config, plan, COMPUTE_DTYPES[dtype], ShardWriter(tmp, max_shard_bytes))
         out_config = dict(raw_config, dtype=dtype, torch_dtype=dtype)
         if block:
             out_config["quantization"] = block
@@ -136,18 +124,20 @@ def convert(
 
 def read_rows(location: TensorLocation, start: int, stop: int) -> mx.array:
     """Rows [start, stop) of a tensor, read from its file into a fresh buffer (nothing stays mapped)."""
-    np_dtype, mx_dtype = DTYPES[location.dtype]
-    row = int(np.prod(location.shape[1:], dtype=np.int64)) if len(location.shape) > 1 else 1
-    count = (stop - start) * row if location.shape else 1
+    np_dtype, mx_dtype = SAFETENSORS_DTYPES[location.dtype]
+    row = int(np.prod(location.shape[1:], dtype=np.int64))
     offset = location.offset + start * row * np.dtype(np_dtype).itemsize
-    values = np.fromfile(location.file, dtype=np_dtype, count=count, offset=offset)
-    return mx.array(values).view(mx_dtype).reshape(stop - start, *location.shape[1:]) if location.shape else mx.array(values).view(mx_dtype).reshape(())
+    values = np.fromfile(location.file, dtype=np_dtype, count=(stop - start) * row, offset=offset)
+    return mx.array(values).view(mx_dtype).reshape(stop - start, *location.shape[1:])
 
 
 def converted(location: TensorLocation, params: dict | None, dtype) -> dict[str, mx.array]:
     """One tensor cast (or quantized when `params`), in row chunks of ~CHUNK_BYTES, each evaluated
     before the next is read: peak memory is one chunk plus the output, whatever the tensor's size."""
-    rows = location.shape[0] if location.shape else 1
+    if not location.shape:  # a scalar is one row of one value
+        location = TensorLocation(location.file, location.dtype, (1,), location.offset)
+        return {kind: t.reshape(()) for kind, t in converted(location, params, dtype).items()}
+    rows = location.shape[0]
     row_bytes = max(1, int(np.prod(location.shape[1:], dtype=np.int64)) * 4)
     step = max(1, CHUNK_BYTES // row_bytes)
     pieces = []
@@ -165,8 +155,6 @@ def converted(location: TensorLocation, params: dict | None, dtype) -> dict[str,
             piece = {"weight": chunk.astype(dtype) if mx.issubdtype(chunk.dtype, mx.floating) else chunk}
         mx.eval(piece)
         pieces.append(piece)
-    if not location.shape:
-        return pieces[0]
     return {kind: mx.concatenate([p[kind] for p in pieces]) if len(pieces) > 1 else pieces[0][kind] for kind in pieces[0]}
 
 

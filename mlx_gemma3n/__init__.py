@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import Gemma3nError
-from .loader import DTYPES, load_model, resolve_model_path
+from .loader import COMPUTE_DTYPES, load_model, resolve_model_path
 from .processor import Processor
 
 __all__ = ["load", "Gemma3nError"]
@@ -16,8 +16,8 @@ def load(path_or_hub_id: str | Path, dtype=None):
 
     dtype: None keeps the checkpoint's dtype; "bfloat16", "float16", "float32" or an mx.Dtype casts.
     """
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    if isinstance(dtype, str) and dtype not in COMPUTE_DTYPES:
+        raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(COMPUTE_DTYPES)})")
     model_dir = resolve_model_path(path_or_hub_id)
     model = load_model(model_dir, dtype=dtype)
     return model, Processor(model_dir)

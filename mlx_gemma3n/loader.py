@@ -22,7 +22,7 @@ from .quantization import quantize_like_checkpoint
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]
 SHARED_KV_PARAMS = ("k_proj", "v_proj", "k_norm", "v_norm")
 MAPPED_TABLE = "language_model.embed_tokens_per_layer"
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+COMPUTE_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
 def resolve_model_path(path_or_hub_id: str | Path) -> Path:
@@ -140,9 +140,10 @@ def read_weights(model_dir: Path, config: ModelConfig) -> tuple[dict, dict, dict
     return weights, {tower: w for tower, w in towers.items() if w}, mapped
 
 
-def check_names(model: Model, weights: dict) -> None:
+def check_names(model: Model, names: set[str]) -> None:
+    """Every parameter of the model is among `names` (the checkpoint's, ours) and nothing else is."""
     expected = {name for name, _ in tree_flatten(model.parameters())}
-    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
     if missing or unexpected:
         lines = []
         if missing:
@@ -176,10 +177,10 @@ def load_model(model_dir: Path, dtype=None) -> Model:
     if config.quantization:
         quantize_like_checkpoint(model, config.quantization, set(weights) | {f"{MAPPED_TABLE}.{k}" for k in mapped})
     if dtype is not None:
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        dtype = COMPUTE_DTYPES[dtype] if isinstance(dtype, str) else dtype
     if mapped:
         map_table(model, mapped, dtype)
-    check_names(model, weights)
+    check_names(model, set(weights))
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import Gemma3nError
 
 # safetensors dtype -> (numpy dtype used to map it, MLX dtype the bytes are viewed as)
-DTYPES = {
+SAFETENSORS_DTYPES = {
     "F32": (np.float32, mx.float32),
     "F16": (np.float16, mx.float16),
     "BF16": (np.uint16, mx.bfloat16),
@@ -56,13 +56,13 @@ def read_header(path: Path) -> tuple[int, dict]:
 
 def locate(path: Path, name: str, data_start: int, header: dict) -> TensorLocation | None:
     entry = header.get(name)
-    if entry is None or entry["dtype"] not in DTYPES:
+    if entry is None or entry["dtype"] not in SAFETENSORS_DTYPES:
         return None
     return TensorLocation(path, entry["dtype"], tuple(entry["shape"]), data_start + entry["data_offsets"][0])
 
 
 def memory_map(location: TensorLocation) -> np.memmap:
-    np_dtype, _ = DTYPES[location.dtype]
+    np_dtype, _ = SAFETENSORS_DTYPES[location.dtype]
     return np.memmap(location.file, dtype=np_dtype, mode="r", offset=location.offset, shape=location.shape)
 
 
@@ -75,7 +75,7 @@ class MappedEmbedding(nn.Module):
     def __init__(self, parts: dict[str, TensorLocation], group_size: int = 64, bits: int = 4, dtype=None):
         super().__init__()
         self._maps = {kind: memory_map(location) for kind, location in parts.items()}
-        self._views = {kind: DTYPES[location.dtype][1] for kind, location in parts.items()}
+        self._views = {kind: SAFETENSORS_DTYPES[location.dtype][1] for kind, location in parts.items()}
         quantized = "scales" in parts
         self.group_size, self.bits = (group_size, bits) if quantized else (None, None)
         self._dtype = dtype

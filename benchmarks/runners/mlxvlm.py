@@ -12,7 +12,6 @@ float32 array: mlx-vlm reads audio files with mlx-audio, which is not installed 
 import functools
 import itertools
 
-import mlx.core as mx
 import soundfile
 from mlx_vlm import load as load_model
 from mlx_vlm import stream_generate
