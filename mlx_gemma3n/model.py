@@ -36,7 +36,7 @@ class Model(nn.Module):
             if "audio_tower" in towers:
                 self.audio_tower = AudioEncoder(config.audio_tower)
         self._hard_tokens = None
-        # dtype the activations are computed in; None follows the weights (see loader.activation_dtype)
+        # dtype the activations are computed in; None follows the weights (see loader.adapt_to_cpu)
         self.activation_dtype = None
 
     def make_cache(self) -> list:
@@ -62,7 +62,7 @@ class Model(nn.Module):
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """Token embeddings; ids in the vision/audio ranges come from the multimodal embedders."""
-        embeddings = self.language_model.embed(input_ids)
+        embeddings = self.language_model.embed(input_ids, self.activation_dtype)
         if not self.config.is_multimodal:
             return embeddings
         first_id, table = self.hard_token_embeddings()

@@ -60,28 +60,37 @@ class Attention(nn.Module):
         self.v_norm_eps = eps
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
 
+        # Projections, norms and RoPE are compiled (see DecoderLayer); `offset` is an array there, so
+        # one trace serves every decode position.
+        self.compiled_queries = mx.compile(self.queries, inputs=self.state)
+        if self.owns_kv:
+            self.compiled_keys_values = mx.compile(self.keys_values, inputs=self.state)
+
     def rope(self, x: mx.array, offset) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
 
-    def project_kv(self, x: mx.array, offset, cache, no_cache_mask):
-        """This layer's keys/values (through its cache when there is one) and the mask to use."""
+    def queries(self, x: mx.array, offset) -> mx.array:
+        batch, length, _ = x.shape
+        queries = self.q_proj(x).reshape(batch, length, self.n_heads, self.head_dim)
+        return self.rope(self.q_norm(queries).transpose(0, 2, 1, 3), offset)
+
+    def keys_values(self, x: mx.array, offset):
         batch, length, _ = x.shape
         keys = self.k_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
         values = self.v_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
         keys = self.rope(self.k_norm(keys).transpose(0, 2, 1, 3), offset)
         values = mx.fast.rms_norm(values, None, self.v_norm_eps).transpose(0, 2, 1, 3)  # v_norm: no scale
-        if cache is None:
-            return keys, values, no_cache_mask
-        return cache.update(keys, values)
+        return keys, values
 
-    def __call__(self, x: mx.array, offset, shared_kv: dict, cache=None, mask=None) -> mx.array:
+    def __call__(self, x: mx.array, offset: mx.array, shared_kv: dict, cache=None, mask=None) -> mx.array:
         """Attend over this layer's keys/values, or over those of the last KV-owning layer of the
-        same type (`shared_kv[layer_type]`) for a KV-shared layer. Owners record theirs there."""
+        same type (`shared_kv[layer_type]`) for a KV-shared layer. Owners record theirs there, with
+        the mask to use (their cache's, or `mask` without a cache)."""
         batch, length, _ = x.shape
-        queries = self.q_proj(x).reshape(batch, length, self.n_heads, self.head_dim)
-        queries = self.rope(self.q_norm(queries).transpose(0, 2, 1, 3), offset)
+        queries = self.compiled_queries(x, offset)
         if self.owns_kv:
-            shared_kv[self.layer_type] = self.project_kv(x, offset, cache, mask)
+            keys, values = self.compiled_keys_values(x, offset)
+            shared_kv[self.layer_type] = (keys, values, mask) if cache is None else cache.update(keys, values)
         keys, values, mask = shared_kv[self.layer_type]
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
@@ -175,14 +184,24 @@ class DecoderLayer(nn.Module):
         self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, hidden, bias=False)
         self.post_per_layer_input_norm = RMSNorm(hidden, eps)
         self.act = ACTIVATIONS[config.hidden_activation]
+        # Around attention (whose cache and position change every step) the layer is a fixed chain of
+        # small ops; mx.compile fuses them into fewer kernels. The parameters are compile inputs, so
+        # weights loaded or quantized after the first call are seen.
+        self.compiled_before_attention = mx.compile(self.before_attention, inputs=self.state)
+        self.compiled_after_attention = mx.compile(self.after_attention, inputs=self.state)
 
     def __call__(self, streams, per_layer_input, offset, shared_kv: dict, cache=None, mask=None) -> mx.array:
-        predictions = self.altup.predict(streams)
-        active = predictions[:, :, self.active]
-        normed = self.input_layernorm(active)
-        laurel = self.laurel(normed)
+        predictions, normed, laurel = self.compiled_before_attention(streams)
         attn = self.self_attn(normed, offset, shared_kv, cache, mask)
-        attn = active + self.post_attention_layernorm(attn)
+        return self.compiled_after_attention(predictions, laurel, attn, per_layer_input)
+
+    def before_attention(self, streams: mx.array):
+        predictions = self.altup.predict(streams)
+        normed = self.input_layernorm(predictions[:, :, self.active])
+        return predictions, normed, self.laurel(normed)
+
+    def after_attention(self, predictions, laurel, attn, per_layer_input) -> mx.array:
+        attn = predictions[:, :, self.active] + self.post_attention_layernorm(attn)
         attn_laurel = (attn + laurel) * (1.0 / math.sqrt(2.0))
         ffw = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(attn_laurel)))
         corrected = self.altup.correct(predictions, attn_laurel + ffw)
@@ -214,9 +233,12 @@ class TextModel(nn.Module):
         self.embed_scale = math.sqrt(hidden)
         self.per_layer_embed_scale = math.sqrt(ple)
 
-    def embed(self, input_ids: mx.array) -> mx.array:
+    def embed(self, input_ids: mx.array, dtype=None) -> mx.array:
+        """Scaled token embeddings, in `dtype` (default: the table's)."""
+        rows = self.embed_tokens(input_ids)
+        rows = rows if dtype is None else rows.astype(dtype)
         # A Python scalar takes the array's dtype: the scale is rounded to it first, as in the reference.
-        return self.embed_tokens(input_ids) * self.embed_scale
+        return rows * self.embed_scale
 
     def per_layer_embeddings(self, input_ids: mx.array) -> mx.array:
         """PLE table rows (B, T, layers, ple); ids outside the table (multimodal ids) use row 0."""
@@ -255,7 +277,7 @@ class TextModel(nn.Module):
         """
         cfg = self.config
         length = embeddings.shape[1]
-        offset = cache[0].offset if cache else 0
+        offset = mx.array(cache[0].offset if cache else 0)
         masks = {FULL: None, SLIDING: None} if cache else self.no_cache_masks(length)
         streams = self.expand_streams(embeddings)
         if capture is not None:

@@ -111,10 +111,11 @@ def test_bfloat16_runs_and_agrees_like_transformers_bf16(tiny_ckpt_a, capsys):
     path, reference = tiny_ckpt_a
     model32, processor = load(path)
     model16, _ = load(path, dtype="bfloat16")
-    assert model16.language_model.embed_tokens.weight.dtype == mx.bfloat16
+    assert model16.language_model.layers[0].mlp.gate_proj.weight.dtype == mx.bfloat16
     ids = prompt_ids(6, PROMPT_LENGTH, batch=2)
-    logits = model16(mx.array(ids))
-    assert logits.dtype == mx.bfloat16 and bool(mx.all(mx.isfinite(logits)))
+    capture = {}
+    logits = model16(mx.array(ids), capture=capture)
+    assert capture["final_norm"].dtype == mx.bfloat16 and bool(mx.all(mx.isfinite(logits)))
     ref32 = reference_logits(reference, ids).argmax(-1)
     ref16 = reference_logits(copy.deepcopy(reference).to(torch.bfloat16), ids).argmax(-1)
     ours16 = np.array(logits.astype(mx.float32)).argmax(-1)
@@ -130,3 +131,26 @@ def test_bfloat16_runs_and_agrees_like_transformers_bf16(tiny_ckpt_a, capsys):
             f"first {same}/64 greedy tokens equal float32 (tiny config A)"
         )
     assert ours_agree >= theirs_agree - 0.15
+
+
+def test_cpu_float32_tied_embedding_changes_no_decoder_number(tiny_ckpt_a):
+    """On MLX's CPU backend a bf16 tied embedding is held in float32 for a faster LM head
+    (`loader.adapt_to_cpu`): the decoder computes exactly what it computes with the bf16 table, and
+    the logits are the float32 product of the same values."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("the float32 table is a CPU-backend layout")
+    widened, _ = load(tiny_ckpt_a.path, dtype="bfloat16")
+    table = widened.language_model.embed_tokens.weight
+    assert table.dtype == mx.float32 and mx.array_equal(table, table.astype(mx.bfloat16).astype(mx.float32))
+    plain, _ = load(tiny_ckpt_a.path, dtype="bfloat16")
+    plain.language_model.embed_tokens.weight = table.astype(mx.bfloat16)
+    plain.activation_dtype = None
+    ids = mx.array(prompt_ids(7, PROMPT_LENGTH))
+    widened_capture, plain_capture = {}, {}
+    logits = widened(ids, capture=widened_capture)
+    plain(ids, capture=plain_capture)
+    hidden = widened_capture["final_norm"]
+    assert hidden.dtype == mx.bfloat16 and mx.array_equal(hidden, plain_capture["final_norm"])
+    cap = widened.config.text.final_logit_softcapping
+    expected = mx.tanh((hidden.astype(mx.float32) @ table.T) / cap) * cap
+    np.testing.assert_allclose(np.array(logits), np.array(expected), rtol=1e-5, atol=1e-5)
