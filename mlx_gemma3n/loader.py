@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
+from .cpu_split import split_matmuls
 from .errors import Gemma3nError
 from .mapped import MappedEmbedding, TensorLocation, locate, read_header
 from .model import TOWERS, Model
@@ -162,8 +163,8 @@ def map_table(model: Model, mapped: dict[str, TensorLocation], dtype) -> None:
 
 
 def adapt_to_cpu(model: Model, dtype) -> None:
-    """Two layouts for MLX's CPU backend, whose matmuls are slow outside float32 (Metal keeps the
-    weights' dtype):
+    """MLX's CPU backend runs a matmul on one core, and slowly outside float32; Metal needs none of
+    this. The matmuls are split over the cores (`cpu_split`), and:
     - quantized models compute in float32: the CPU quantized matmul is ~10x faster with float32
       activations than with bf16 (measured: 42 vs 403 ms for a 262400 x 256 int4 matvec);
     - a bf16/fp16 tied embedding is held in float32: its LM-head matvec, the largest of a decode step,
@@ -177,6 +178,7 @@ def adapt_to_cpu(model: Model, dtype) -> None:
     elif type(table) is nn.Embedding and table.weight.dtype in (mx.bfloat16, mx.float16):
         model.activation_dtype = table.weight.dtype
         table.weight = table.weight.astype(mx.float32)
+    split_matmuls(model)
 
 
 def load_model(model_dir: Path, dtype=None) -> Model:

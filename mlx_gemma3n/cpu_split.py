@@ -1,0 +1,93 @@
+"""Matmuls split over the CPU cores.
+
+MLX's CPU backend runs the ops of a stream on one thread, and its BLAS is single-threaded, so a matmul
+uses one core. Split along the weight's output rows, each part on a stream of its own, one matmul
+uses every core; each output element is the same dot product as before, so no number changes.
+Measured on 2 cores: 2x for a decode matvec of 262400 x 256 (34 -> 18 ms) or 8192 x 2048 (11.6 ->
+6.4 ms), and for a 512-token prefill GEMM of 1024 x 256 (43 -> 22 ms).
+"""
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Multiply-adds a part must have: below this the cross-stream scheduling costs more than the core
+# saves (measured: a 64 x 256 matvec slows from 0.06 to 0.09 ms when split, 1024 x 256 speeds up).
+MIN_PART_WORK = 1 << 18
+
+_streams: list = []
+
+
+def cpu_streams() -> list:
+    """One stream per core this process may run on: the caller's (None), then new ones (created
+    once). Keeping the first part on the caller's stream measured faster than a new stream for it."""
+    if not _streams:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _streams.extend([None] + [mx.new_stream(mx.cpu) for _ in range(cores - 1)])
+    return _streams
+
+
+def split_rows(x: mx.array, rows: int, matmul) -> mx.array:
+    """`matmul(row_slice, stream)` over as many row ranges as there are cores, or whole when the
+    work is too small to share; the parts are joined along the last axis."""
+    streams = cpu_streams()
+    work = x.size * rows
+    parts = min(len(streams), rows, work // MIN_PART_WORK)
+    if parts < 2:
+        return matmul(slice(None), None)
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    pieces = [matmul(slice(start, stop), stream) for start, stop, stream in zip(bounds, bounds[1:], streams)]
+    return mx.concatenate(pieces, axis=-1)
+
+
+def split_dense_matmul(x: mx.array, weight: mx.array, bias=None) -> mx.array:
+    if bias is None:
+        return split_rows(x, weight.shape[0], lambda rows, stream: mx.matmul(x, weight[rows].T, stream=stream))
+    return split_rows(x, weight.shape[0], lambda rows, stream: mx.addmm(bias[rows], x, weight[rows].T, stream=stream))
+
+
+def split_quantized_matmul(module, x: mx.array) -> mx.array:
+    biases = module.get("biases")
+    return split_rows(x, module.weight.shape[0], lambda rows, stream: mx.quantized_matmul(
+        x, module.weight[rows], scales=module.scales[rows], biases=None if biases is None else biases[rows],
+        transpose=True, group_size=module.group_size, bits=module.bits, mode=module.mode, stream=stream))
+
+
+class SplitLinear(nn.Linear):
+    def __call__(self, x: mx.array) -> mx.array:
+        return split_dense_matmul(x, self.weight, self.get("bias"))
+
+
+class SplitQuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        out = split_quantized_matmul(self, x)
+        return out + self.bias if "bias" in self else out
+
+
+class SplitEmbedding(nn.Embedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        return split_dense_matmul(x, self.weight)
+
+
+class SplitQuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        return split_quantized_matmul(self, x)
+
+
+SPLIT_CLASSES = {
+    nn.Linear: SplitLinear,
+    nn.QuantizedLinear: SplitQuantizedLinear,
+    nn.Embedding: SplitEmbedding,
+    nn.QuantizedEmbedding: SplitQuantizedEmbedding,
+}
+
+
+def split_matmuls(model: nn.Module) -> None:
+    """Make every linear layer and tied embedding of `model` split its matmuls over the cores. The
+    split classes add no state, only the call, so the modules change class in place: parameters,
+    names and the closures compiled over them stay as they are."""
+    for _, module in model.named_modules():
+        split_class = SPLIT_CLASSES.get(type(module))
+        if split_class is not None:
+            module.__class__ = split_class

@@ -1,0 +1,87 @@
+"""Matmuls split over the CPU cores (`mlx_gemma3n.cpu_split`): every row computed once, by the same
+dot product as the whole matmul, in layers, in a loaded model and through generation."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from helpers import prompt_ids
+
+from mlx_gemma3n import cpu_split, load
+from mlx_gemma3n.generate import Session
+from mlx_gemma3n.sampling import SamplingParams
+
+
+@pytest.fixture
+def three_streams(monkeypatch):
+    """Three parts for any work, whatever the machine's core count."""
+    monkeypatch.setattr(cpu_split, "_streams", [None, mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)])
+    monkeypatch.setattr(cpu_split, "MIN_PART_WORK", 1)
+
+
+def test_rows_are_shared_once_over_the_streams(three_streams):
+    calls = []
+
+    def matmul(rows, stream):
+        calls.append((rows, stream))
+        return mx.zeros((1, len(range(10)[rows])))
+
+    out = cpu_split.split_rows(mx.zeros((1, 4)), 10, matmul)
+    assert out.shape == (1, 10)
+    assert [(rows.start, rows.stop) for rows, _ in calls] == [(0, 3), (3, 6), (6, 10)]
+    assert len({id(stream) for _, stream in calls}) == 3
+
+
+def test_small_work_stays_whole(monkeypatch):
+    monkeypatch.setattr(cpu_split, "_streams", [None, mx.new_stream(mx.cpu)])
+    calls = []
+
+    def matmul(rows, stream):
+        calls.append((rows, stream))
+        return mx.zeros((1, 64))
+
+    cpu_split.split_rows(mx.zeros((1, 256)), 64, matmul)  # 64 x 256 multiply-adds: below one part's worth
+    assert calls == [(slice(None), None)]
+
+
+def mlx_layers():
+    """One mlx layer of each class that gets split, with the method that does its matmul."""
+    mx.random.seed(3)
+    quantized = nn.QuantizedLinear.from_linear(nn.Linear(64, 70), group_size=32, bits=4)
+    quantized_table = nn.QuantizedEmbedding.from_embedding(nn.Embedding(70, 64), group_size=32, bits=4)
+    return [(nn.Linear(48, 70, bias=False), "__call__"), (nn.Linear(48, 70), "__call__"),
+            (nn.Embedding(70, 48), "as_linear"), (quantized, "__call__"), (quantized_table, "as_linear")]
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_split_layers_equal_mlx_layers(three_streams, tokens):
+    for layer, method in mlx_layers():
+        x = mx.random.normal((2, tokens, 48 if type(layer) in (nn.Linear, nn.Embedding) else 64))
+        expected = getattr(layer, method)(x)
+        cpu_split.split_matmuls(layer)
+        assert type(layer) is cpu_split.SPLIT_CLASSES[type(layer).__mro__[1]]
+        np.testing.assert_allclose(np.array(getattr(layer, method)(x)), np.array(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_loaded_model_splits_and_generates_the_same(tiny_ckpt_a, three_streams):
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("matmuls are split on MLX's CPU backend only")
+    split, processor = load(tiny_ckpt_a.path)
+    whole, _ = load(tiny_ckpt_a.path)
+    base_classes = {split_class: base for base, split_class in cpu_split.SPLIT_CLASSES.items()}
+    split_layers = [m for _, m in whole.named_modules() if type(m) in base_classes]
+    assert type(split.language_model.layers[0].mlp.down_proj) is cpu_split.SplitLinear
+    assert type(split.language_model.embed_tokens) is cpu_split.SplitEmbedding
+    for module in split_layers:
+        module.__class__ = base_classes[type(module)]
+
+    ids = mx.array(prompt_ids(11, 12))
+    np.testing.assert_allclose(np.array(split(ids)), np.array(whole(ids)), rtol=1e-5, atol=1e-5)
+    processor.eos_token_ids = set()
+    split.config.eos_token_ids = whole.config.eos_token_ids = []
+    greedy = SamplingParams(temperature=0.0)
+    tokens = [[r.token for r in Session(model, processor).stream(ids[0].tolist(), greedy, 12, prefill_step_size=5)]
+              for model in (split, whole)]
+    assert tokens[0] == tokens[1] and len(set(tokens[0])) > 3
