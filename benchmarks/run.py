@@ -1,6 +1,6 @@
 """`python -m benchmarks`: mlx-gemma3n beside mlx-lm and Transformers, in one run, on the same random weights.
 
-    python -m benchmarks [--device cpu|gpu] [--quick] [--only ours,mlx-lm] [--runs 3]
+    python -m benchmarks [--device cpu|gpu] [--quick] [--only ours,mlx-lm] [--dtypes bf16] [--runs 3]
 
 CPU (default): timing on `small` (the real layer structure and vocabularies at reduced width; the
 CPU backend takes minutes per prompt at real width), memory and load time on the real E2B and E4B
@@ -130,6 +130,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default=",".join(RUNTIMES), help=f"comma-separated subset of {','.join(RUNTIMES)}")
     parser.add_argument("--shapes", default="small,small-mm,e2b,e4b",
                         help="comma-separated subset of small,small-mm (image / audio rows),e2b,e4b")
+    parser.add_argument("--dtypes", default="bf16,int4", help="comma-separated subset of bf16,int4 (media rows: bf16)")
     parser.add_argument("--runs", type=int, default=3, help="runs per runtime and table (interleaved)")
     parser.add_argument("--media-runs", type=int, help="runs per runtime of the image / audio rows "
                         "(default: --runs; 1 with --quick)")
@@ -137,6 +138,8 @@ def main(argv=None) -> None:
     unknown = set(args.only.split(",")) - set(RUNTIMES)
     if unknown:
         parser.error(f"unknown runtimes: {', '.join(sorted(unknown))}")
+    if set(args.dtypes.split(",")) - {"bf16", "int4"}:
+        parser.error(f"--dtypes takes bf16 and/or int4, not {args.dtypes!r}")
     if args.device == "gpu" and not mx.is_available(mx.gpu):
         parser.error("MLX has no GPU on this machine")
     mx.set_default_device(getattr(mx, args.device))
@@ -146,7 +149,7 @@ def main(argv=None) -> None:
     for shape, dtype, mode, setting in plan(args.device, args.quick):
         runtimes = [r for r in selected if dtype in r.dtypes and (r.media or mode != "media")
                     and (not r.needs_towers or shape in MEDIA or f"{shape}-mm" in MEDIA)]
-        if shape in args.shapes.split(",") and runtimes:
+        if shape in args.shapes.split(",") and dtype in args.dtypes.split(",") and runtimes:
             case = prepare(shape, dtype, runtimes, prepared)
             runs = args.runs
             if mode == "media":

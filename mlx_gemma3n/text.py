@@ -91,9 +91,11 @@ class Attention(nn.Module):
         if self.owns_kv:
             keys, values = self.compiled_keys_values(x, offset)
             shared_kv[self.layer_type] = (keys, values, mask) if cache is None else cache.update(keys, values)
-        keys, values, mask = shared_kv[self.layer_type]
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        out = self.attend(queries, *shared_kv[self.layer_type])
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
 
 
 class MLP(nn.Module):

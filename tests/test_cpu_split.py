@@ -1,5 +1,5 @@
-"""Matmuls split over the CPU cores (`mlx_gemma3n.cpu_split`): every row computed once, by the same
-dot product as the whole matmul, in layers, in a loaded model and through generation."""
+"""Matmuls and attention split over the CPU cores (`mlx_gemma3n.cpu_split`): every row computed once,
+by the same dot product as the whole matmul, in layers, in a loaded model and through generation."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from helpers import prompt_ids
 
 from mlx_gemma3n import cpu_split, load
+from mlx_gemma3n.cache import sliding_window_mask
 from mlx_gemma3n.generate import Session
 from mlx_gemma3n.sampling import SamplingParams
 
@@ -65,6 +66,22 @@ def test_split_layers_equal_mlx_layers(three_streams, tokens):
         np.testing.assert_allclose(np.array(getattr(layer, method)(x)), np.array(expected), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask", [None, "causal", "sliding"])
+def test_split_attention_is_float32_attention(three_streams, mask):
+    """6 query heads over 3 KV heads: one KV head (and its 2 query heads) per part."""
+    mx.random.seed(5)
+    queries = mx.random.normal((1, 6, 7, 16)).astype(mx.bfloat16)
+    keys, values = (mx.random.normal((1, 3, 7, 16)).astype(mx.bfloat16) for _ in range(2))
+    if mask == "sliding":
+        positions = mx.arange(7)
+        mask = sliding_window_mask(positions, positions, 3)
+    as_float32 = (a.astype(mx.float32) for a in (queries, keys, values))
+    expected = mx.fast.scaled_dot_product_attention(*as_float32, scale=1.0, mask=mask)
+    got = cpu_split.split_attention(queries, keys, values, mask)
+    assert got.dtype == mx.bfloat16
+    assert mx.array_equal(got, expected.astype(mx.bfloat16))
+
+
 def test_loaded_model_splits_and_generates_the_same(tiny_ckpt_a, three_streams):
     if mx.default_device().type != mx.DeviceType.cpu:
         pytest.skip("matmuls are split on MLX's CPU backend only")
@@ -74,6 +91,7 @@ def test_loaded_model_splits_and_generates_the_same(tiny_ckpt_a, three_streams):
     split_layers = [m for _, m in whole.named_modules() if type(m) in base_classes]
     assert type(split.language_model.layers[0].mlp.down_proj) is cpu_split.SplitLinear
     assert type(split.language_model.embed_tokens) is cpu_split.SplitEmbedding
+    assert type(split.language_model.layers[0].self_attn) is cpu_split.SplitAttention
     for module in split_layers:
         module.__class__ = base_classes[type(module)]
 
