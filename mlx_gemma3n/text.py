@@ -60,8 +60,8 @@ class Attention(nn.Module):
         self.v_norm_eps = eps
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
 
-        # Projections, norms and RoPE are compiled (see DecoderLayer); `offset` is an array there, so
-        # one trace serves every decode position.
+        # Projections, norms and RoPE are compiled for decode (see DecoderLayer); `offset` is an
+        # array there, so one trace serves every decode position.
         self.compiled_queries = mx.compile(self.queries, inputs=self.state)
         if self.owns_kv:
             self.compiled_keys_values = mx.compile(self.keys_values, inputs=self.state)
@@ -87,9 +87,10 @@ class Attention(nn.Module):
         same type (`shared_kv[layer_type]`) for a KV-shared layer. Owners record theirs there, with
         the mask to use (their cache's, or `mask` without a cache)."""
         batch, length, _ = x.shape
-        queries = self.compiled_queries(x, offset)
+        decode = length == 1
+        queries = (self.compiled_queries if decode else self.queries)(x, offset)
         if self.owns_kv:
-            keys, values = self.compiled_keys_values(x, offset)
+            keys, values = (self.compiled_keys_values if decode else self.keys_values)(x, offset)
             shared_kv[self.layer_type] = (keys, values, mask) if cache is None else cache.update(keys, values)
         out = self.attend(queries, *shared_kv[self.layer_type])
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
@@ -187,15 +188,18 @@ class DecoderLayer(nn.Module):
         self.post_per_layer_input_norm = RMSNorm(hidden, eps)
         self.act = ACTIVATIONS[config.hidden_activation]
         # Around attention (whose cache and position change every step) the layer is a fixed chain of
-        # small ops; mx.compile fuses them into fewer kernels. The parameters are compile inputs, so
-        # weights loaded or quantized after the first call are seen.
+        # small ops; in decode, mx.compile fuses them into fewer kernels. Prefill runs them as they
+        # are: its ops are large, and each new prompt length would cost a fresh trace and compile.
+        # The parameters are compile inputs, so weights loaded or quantized after the first call are seen.
         self.compiled_before_attention = mx.compile(self.before_attention, inputs=self.state)
         self.compiled_after_attention = mx.compile(self.after_attention, inputs=self.state)
 
     def __call__(self, streams, per_layer_input, offset, shared_kv: dict, cache=None, mask=None) -> mx.array:
-        predictions, normed, laurel = self.compiled_before_attention(streams)
+        decode = streams.shape[1] == 1
+        predictions, normed, laurel = (self.compiled_before_attention if decode else self.before_attention)(streams)
         attn = self.self_attn(normed, offset, shared_kv, cache, mask)
-        return self.compiled_after_attention(predictions, laurel, attn, per_layer_input)
+        after_attention = self.compiled_after_attention if decode else self.after_attention
+        return after_attention(predictions, laurel, attn, per_layer_input)
 
     def before_attention(self, streams: mx.array):
         predictions = self.altup.predict(streams)
