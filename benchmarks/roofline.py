@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import time
@@ -44,13 +45,23 @@ def weight_bytes_per_token(folder: Path) -> int:
     return total
 
 
+def bandwidth_parts() -> int:
+    """Copies run in parallel: one per core on the CPU (a stream runs on one core there), one on a GPU."""
+    return (os.cpu_count() or 1) if mx.default_device().type == mx.DeviceType.cpu else 1
+
+
 def bandwidth_gbps(megabytes: int = 1024, repeats: int = 5) -> float:
-    """Best of `repeats` copies (read + write) of a float32 array on MLX's default device."""
+    """Best of `repeats` copies (read + write) of a float32 array on MLX's default device, split into
+    `bandwidth_parts()` slices, each on its own stream."""
     a = mx.ones((megabytes << 18,), dtype=mx.float32)
     mx.eval(a)
+    parts = bandwidth_parts()
+    bounds = [a.size * i // parts for i in range(parts + 1)]
+    slices = [a[start:stop] for start, stop in zip(bounds, bounds[1:])]
+    streams = [mx.new_stream(mx.default_device()) for _ in slices]
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        mx.eval(a + 1)
+        mx.eval([mx.add(part, 1, stream=stream) for part, stream in zip(slices, streams)])
         best = min(best, time.perf_counter() - start)
     return 2 * a.nbytes / best / 1e9

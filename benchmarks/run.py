@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from . import report
 from .checkpoints import MEDIA, ensure_checkpoint, ensure_media
-from .roofline import bandwidth_gbps, weight_bytes_per_token
+from .roofline import bandwidth_gbps, bandwidth_parts, weight_bytes_per_token
 from .runtimes import RUNTIMES, model_dir, run_once
 
 
@@ -163,6 +163,7 @@ def main(argv=None) -> None:
         command="python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(args.device),
         versions=versions(), bandwidth_gbps=bandwidth, preparation_s=prepared,
-        bandwidth_method=f"best of 5 MLX copies (a + 1) of 1 GiB of float32 on {mx.default_device()}",
+        bandwidth_method=f"best of 5 MLX copies (a + 1) of 1 GiB of float32 on {mx.default_device()}, "
+                         f"in {bandwidth_parts()} parallel slices (one stream each)",
     )
     log(f"wrote {report.write(meta, [case for case, _, _ in cases])}")
