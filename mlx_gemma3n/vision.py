@@ -67,14 +67,19 @@ class Conv2d(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         weight = self.weight.astype(x.dtype)
-        if self.kernel == 1 and self.stride == 1:
+        if self.pointwise:
             y = x @ weight.reshape(weight.shape[0], -1).T
         else:
-            (top, bottom), (left, right) = (same_padding(n, self.kernel, self.stride) for n in x.shape[1:3])
-            y = mx.conv_general(
-                x, weight, stride=self.stride, padding=([top, left], [bottom, right]), groups=self.groups
-            )
+            y = mx.conv_general(x, weight, stride=self.stride, padding=self.padding(x), groups=self.groups)
         return y + self.bias.astype(x.dtype) if "bias" in self else y
+
+    @property
+    def pointwise(self) -> bool:
+        return self.kernel == 1 and self.stride == 1
+
+    def padding(self, x: mx.array) -> tuple[list[int], list[int]]:
+        (top, bottom), (left, right) = (same_padding(n, self.kernel, self.stride) for n in x.shape[1:3])
+        return [top, left], [bottom, right]
 
 
 class RmsNorm2d(nn.Module):

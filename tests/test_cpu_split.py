@@ -1,4 +1,4 @@
-"""Matmuls and attention split over the CPU cores (`mlx_gemma3n.cpu_split`): every row computed once,
+"""Matmuls, convolutions and attention split over the CPU cores (`mlx_gemma3n.cpu_split`): every row computed once,
 by the same dot product as the whole matmul, in layers, in a loaded model and through generation."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from mlx_gemma3n import cpu_split, load
 from mlx_gemma3n.cache import sliding_window_mask
 from mlx_gemma3n.generate import Session
 from mlx_gemma3n.sampling import SamplingParams
+from mlx_gemma3n.vision import Conv2d
 
 
 @pytest.fixture
@@ -64,6 +65,19 @@ def test_split_layers_equal_mlx_layers(three_streams, tokens):
         cpu_split.split_matmuls(layer)
         assert type(layer) is cpu_split.SPLIT_CLASSES[type(layer).__mro__[1]]
         np.testing.assert_allclose(np.array(getattr(layer, method)(x)), np.array(expected), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, stride, depthwise", [(1, 1, False), (3, 2, False), (3, 1, True), (5, 2, True)])
+def test_split_convolutions_equal_the_vision_convolution(three_streams, kernel, stride, depthwise):
+    mx.random.seed(7)
+    conv = Conv2d(12, 12 if depthwise else 10, kernel, stride, depthwise=depthwise, bias=True)
+    conv.weight = mx.random.normal(conv.weight.shape)
+    conv.bias = mx.random.normal(conv.bias.shape)
+    x = mx.random.normal((2, 9, 11, 12))
+    expected = conv(x)
+    cpu_split.split_matmuls(conv)
+    assert type(conv) is cpu_split.SplitConv2d
+    np.testing.assert_allclose(np.array(conv(x)), np.array(expected), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mask", [None, "causal", "sliding"])
