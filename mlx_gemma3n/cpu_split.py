@@ -111,22 +111,19 @@ class SplitConv2d(Conv2d):
     """The vision tower's convolutions, split over output channels (for a depthwise one, over the
     channels of input and output alike)."""
 
-    def __call__(self, x: mx.array) -> mx.array:
-        weight = self.weight.astype(x.dtype)
+    def convolve(self, x: mx.array, weight: mx.array) -> mx.array:
         if self.pointwise:
-            y = split_dense_matmul(x, weight.reshape(weight.shape[0], -1))
-        else:
-            padding, depthwise = self.padding(x), self.groups > 1
+            return split_dense_matmul(x, weight.reshape(weight.shape[0], -1))
+        padding, depthwise = self.padding(x), self.groups > 1
 
-            def convolve(channels: slice, stream) -> mx.array:
-                inputs = x[..., channels] if depthwise else x
-                groups = inputs.shape[-1] if depthwise else 1
-                return mx.conv_general(inputs, weight[channels], stride=self.stride, padding=padding,
-                                       groups=groups, stream=stream)
+        def convolve_channels(channels: slice, stream) -> mx.array:
+            inputs = x[..., channels] if depthwise else x
+            groups = inputs.shape[-1] if depthwise else 1
+            return mx.conv_general(inputs, weight[channels], stride=self.stride, padding=padding,
+                                   groups=groups, stream=stream)
 
-            positions = x.size // x.shape[-1] // self.stride**2
-            y = split_work(weight.shape[0], positions * weight.size, convolve, axis=-1)
-        return y + self.bias.astype(x.dtype) if "bias" in self else y
+        positions = x.size // x.shape[-1] // self.stride**2
+        return split_work(weight.shape[0], positions * weight.size, convolve_channels, axis=-1)
 
 
 SPLIT_CLASSES = {
@@ -139,10 +136,10 @@ SPLIT_CLASSES = {
 }
 
 
-def split_matmuls(model: nn.Module) -> None:
+def split_over_cores(model: nn.Module) -> None:
     """Make every linear layer, tied embedding, vision convolution and decoder attention of `model`
-    split its work over the cores. The split classes add no state, only the call, so the modules change class in place:
-    parameters, names and the closures compiled over them stay as they are."""
+    split its work over the cores. The split classes add no state, only the call, so the modules
+    change class in place: parameters, names and the closures compiled over them stay as they are."""
     for _, module in model.named_modules():
         split_class = SPLIT_CLASSES.get(type(module))
         if split_class is not None:

@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
-from .cpu_split import split_matmuls
+from .cpu_split import split_over_cores
 from .errors import Gemma3nError
 from .mapped import MappedEmbedding, TensorLocation, locate, read_header
 from .model import TOWERS, Model
@@ -178,7 +178,7 @@ def adapt_to_cpu(model: Model, dtype) -> None:
     elif type(table) is nn.Embedding and table.weight.dtype in (mx.bfloat16, mx.float16):
         model.activation_dtype = table.weight.dtype
         table.weight = table.weight.astype(mx.float32)
-    split_matmuls(model)
+    split_over_cores(model)
 
 
 def load_model(model_dir: Path, dtype=None) -> Model:

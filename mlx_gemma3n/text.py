@@ -41,6 +41,15 @@ def root_mean_square(x: mx.array) -> mx.array:
     return mx.sqrt(mx.mean(x * x, axis=-1, keepdims=True))
 
 
+def compiled_for_decode(function, module: nn.Module):
+    """`function(x, ...)`, x of shape (B, T, ...), compiled by mx.compile for decode (T == 1), which
+    fuses its chain of small ops into fewer kernels, and run as it is for prefill: prefill's ops are
+    large, and each new prompt length would cost a fresh trace. The module's parameters are compile
+    inputs, so weights loaded or quantized after the first call are seen."""
+    compiled = mx.compile(function, inputs=module.state)
+    return lambda x, *args: (compiled if x.shape[1] == 1 else function)(x, *args)
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig, layer_idx: int):
         super().__init__()
@@ -60,11 +69,10 @@ class Attention(nn.Module):
         self.v_norm_eps = eps
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
 
-        # Projections, norms and RoPE are compiled for decode (see DecoderLayer); `offset` is an
-        # array there, so one trace serves every decode position.
-        self.compiled_queries = mx.compile(self.queries, inputs=self.state)
+        # `offset` is an array, so one decode trace serves every position.
+        self.compute_queries = compiled_for_decode(self.queries, self)
         if self.owns_kv:
-            self.compiled_keys_values = mx.compile(self.keys_values, inputs=self.state)
+            self.compute_keys_values = compiled_for_decode(self.keys_values, self)
 
     def rope(self, x: mx.array, offset) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
@@ -87,10 +95,9 @@ class Attention(nn.Module):
         same type (`shared_kv[layer_type]`) for a KV-shared layer. Owners record theirs there, with
         the mask to use (their cache's, or `mask` without a cache)."""
         batch, length, _ = x.shape
-        decode = length == 1
-        queries = (self.compiled_queries if decode else self.queries)(x, offset)
+        queries = self.compute_queries(x, offset)
         if self.owns_kv:
-            keys, values = (self.compiled_keys_values if decode else self.keys_values)(x, offset)
+            keys, values = self.compute_keys_values(x, offset)
             shared_kv[self.layer_type] = (keys, values, mask) if cache is None else cache.update(keys, values)
         out = self.attend(queries, *shared_kv[self.layer_type])
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
@@ -188,18 +195,14 @@ class DecoderLayer(nn.Module):
         self.post_per_layer_input_norm = RMSNorm(hidden, eps)
         self.act = ACTIVATIONS[config.hidden_activation]
         # Around attention (whose cache and position change every step) the layer is a fixed chain of
-        # small ops; in decode, mx.compile fuses them into fewer kernels. Prefill runs them as they
-        # are: its ops are large, and each new prompt length would cost a fresh trace and compile.
-        # The parameters are compile inputs, so weights loaded or quantized after the first call are seen.
-        self.compiled_before_attention = mx.compile(self.before_attention, inputs=self.state)
-        self.compiled_after_attention = mx.compile(self.after_attention, inputs=self.state)
+        # small ops: compiled for decode.
+        self.compute_before_attention = compiled_for_decode(self.before_attention, self)
+        self.compute_after_attention = compiled_for_decode(self.after_attention, self)
 
     def __call__(self, streams, per_layer_input, offset, shared_kv: dict, cache=None, mask=None) -> mx.array:
-        decode = streams.shape[1] == 1
-        predictions, normed, laurel = (self.compiled_before_attention if decode else self.before_attention)(streams)
+        predictions, normed, laurel = self.compute_before_attention(streams)
         attn = self.self_attn(normed, offset, shared_kv, cache, mask)
-        after_attention = self.compiled_after_attention if decode else self.after_attention
-        return after_attention(predictions, laurel, attn, per_layer_input)
+        return self.compute_after_attention(predictions, laurel, attn, per_layer_input)
 
     def before_attention(self, streams: mx.array):
         predictions = self.altup.predict(streams)

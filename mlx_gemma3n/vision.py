@@ -66,12 +66,13 @@ class Conv2d(nn.Module):
             self.bias = mx.zeros((out_ch,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        weight = self.weight.astype(x.dtype)
-        if self.pointwise:
-            y = x @ weight.reshape(weight.shape[0], -1).T
-        else:
-            y = mx.conv_general(x, weight, stride=self.stride, padding=self.padding(x), groups=self.groups)
+        y = self.convolve(x, self.weight.astype(x.dtype))
         return y + self.bias.astype(x.dtype) if "bias" in self else y
+
+    def convolve(self, x: mx.array, weight: mx.array) -> mx.array:
+        if self.pointwise:
+            return x @ weight.reshape(weight.shape[0], -1).T
+        return mx.conv_general(x, weight, stride=self.stride, padding=self.padding(x), groups=self.groups)
 
     @property
     def pointwise(self) -> bool:

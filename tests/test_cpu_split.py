@@ -62,7 +62,7 @@ def test_split_layers_equal_mlx_layers(three_streams, tokens):
     for layer, method in mlx_layers():
         x = mx.random.normal((2, tokens, 48 if type(layer) in (nn.Linear, nn.Embedding) else 64))
         expected = getattr(layer, method)(x)
-        cpu_split.split_matmuls(layer)
+        cpu_split.split_over_cores(layer)
         assert type(layer) is cpu_split.SPLIT_CLASSES[type(layer).__mro__[1]]
         np.testing.assert_allclose(np.array(getattr(layer, method)(x)), np.array(expected), rtol=1e-6, atol=1e-6)
 
@@ -75,7 +75,7 @@ def test_split_convolutions_equal_the_vision_convolution(three_streams, kernel, 
     conv.bias = mx.random.normal(conv.bias.shape)
     x = mx.random.normal((2, 9, 11, 12))
     expected = conv(x)
-    cpu_split.split_matmuls(conv)
+    cpu_split.split_over_cores(conv)
     assert type(conv) is cpu_split.SplitConv2d
     np.testing.assert_allclose(np.array(conv(x)), np.array(expected), rtol=1e-5, atol=1e-5)
 
