@@ -1,7 +1,8 @@
 """Text generation: the Python API (`generate`, `stream_generate`) and the decoding session behind it.
 
 A `Session` owns a KV cache and the exact list of tokens whose keys/values it holds, so a chat can
-keep its cache across turns and only prefill what is new. The CLI lives in `cli.py`.
+keep its cache across turns and only prefill what is new. The CLI (`python -m mlx_gemma3n.generate`)
+lives in `cli.py`; this is a package so that running it as a module is clean.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from .errors import Gemma3nError
-from .processor import Prompt, load_media
-from .sampling import SamplingParams, sample
+from ..errors import Gemma3nError
+from ..processor import Prompt, load_media
+from ..sampling import SamplingParams, sample
 
 
 @dataclass
@@ -262,11 +263,3 @@ def stream_generate(
 def generate(model, processor, prompt, max_tokens: int = 256, **kwargs) -> str:
     """The whole reply to `prompt` as one string (see `stream_generate` for the arguments)."""
     return "".join(response.text for response in stream_generate(model, processor, prompt, max_tokens, **kwargs))
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import main
-
-    sys.exit(main())
