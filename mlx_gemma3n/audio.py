@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .audio_features import num_frames
+from .audio_features import GEMMA3N_AUDIO, AudioFeatureSettings, num_frames
 from .errors import Gemma3nError
 from .text import RMSNorm
 
@@ -60,11 +60,11 @@ def as_tuples(value):
     return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def soft_token_count(num_samples: int, audio_config: dict) -> int:
-    """How many soft tokens the encoder gives for one clip of `num_samples` 16 kHz samples
-    (all valid; the model pads them to `audio_soft_tokens_per_image`)."""
+def soft_token_count(num_samples: int, audio_config: dict, settings: AudioFeatureSettings = GEMMA3N_AUDIO) -> int:
+    """How many soft tokens the encoder gives for one clip of `num_samples` samples (all valid; the
+    model pads them to `audio_soft_tokens_per_image`), its features made with `settings`."""
     config = AudioConfig.from_dict(audio_config)
-    steps = num_frames(num_samples)
+    steps = num_frames(num_samples, settings)
     for stride_t, _ in config.sscp_conv_stride_size:
         steps = math.ceil(steps / stride_t)
     return math.ceil(steps / config.conf_reduction_factor)

@@ -1,19 +1,23 @@
-"""Audio input: decoding files to 16 kHz mono, and Gemma 3n's log-mel features (numpy only).
+"""Audio input: decoding files to mono at the extractor's rate, and Gemma 3n's log-mel features
+(numpy only).
 
-`extract_features` follows Transformers' `Gemma3nAudioFeatureExtractor` for one clip with its
-default settings (those of the published checkpoints): the clip is zero-padded to a multiple of
-128 samples, cut into 513-sample windows every 160 samples (10 ms), each window pre-emphasised
-HTK-style to 512 samples, Hann-windowed, FFT'd with 1024 points, and its magnitude spectrum
-mapped to 128 mel bins (125-7600 Hz, HTK mel scale, no area normalisation), floored at 1e-5 and
-log'ed. There is no per-bin mean/std normalisation and no dithering.
+`extract_features` follows Transformers' `Gemma3nAudioFeatureExtractor` for one clip, with the
+settings of `AudioFeatureSettings` (read from the checkpoint by `preprocessor_config`; the defaults
+are those of the published checkpoints). With the defaults: the clip is padded to a multiple of 128
+samples, cut into 513-sample windows every 160 samples (10 ms at 16 kHz), each window pre-emphasised
+HTK-style to 512 samples, Hann-windowed, FFT'd with 1024 points, and its magnitude spectrum mapped to
+128 mel bins (125-7600 Hz, HTK mel scale, no area normalisation), floored at 1e-5 and log'ed. There
+is no per-bin mean/std normalisation and no dithering.
 
-Transformers silently truncates clips to 30 s (480,000 samples); we refuse them instead: the
-processor gives every clip 188 soft tokens, which is exactly what 30 s produce.
+Transformers silently truncates clips to 480,000 samples (its call's `max_length`, 30 s at 16 kHz);
+we refuse them instead: the processor gives every clip 188 soft tokens, which is what 30 s produce.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,44 +26,65 @@ import soxr
 
 from .errors import Gemma3nError
 
-SAMPLE_RATE = 16_000
-MAX_SAMPLES = 30 * SAMPLE_RATE
+# Arguments of Transformers' extractor call, not settings of its config: the same for every checkpoint.
 PAD_TO_MULTIPLE_OF = 128
-FRAME_LENGTH = 512  # 32 ms
-HOP_LENGTH = 160  # 10 ms
-FFT_LENGTH = 1024  # next power of two of the frame, doubled ("fft_overdrive")
-NUM_MEL_BINS = 128
-MIN_FREQUENCY, MAX_FREQUENCY = 125.0, 7600.0
-PREEMPHASIS = 0.97
-MEL_FLOOR = 1e-5
+MAX_SAMPLES = 480_000
 
 
-def load_audio(source: str | Path | np.ndarray) -> np.ndarray:
-    """A mono float32 signal at 16 kHz, from an audio file (anything libsndfile reads: WAV of any
-    rate / depth / channel count, FLAC, MP3, OGG...) or from a 1-D float array already at 16 kHz."""
+@dataclass(frozen=True)
+class AudioFeatureSettings:
+    """Gemma3nAudioFeatureExtractor's settings, lengths in samples."""
+
+    feature_size: int = 128  # mel bins
+    sampling_rate: int = 16_000
+    frame_length: int = 512  # 32 ms
+    hop_length: int = 160  # 10 ms
+    fft_length: int = 1024  # next power of two of the frame, doubled ("fft_overdrive")
+    min_frequency: float = 125.0
+    max_frequency: float = 7600.0
+    preemphasis: float = 0.97
+    preemphasis_htk_flavor: bool = True
+    mel_floor: float = 1e-5
+    input_scale_factor: float = 1.0
+    padding_value: float = 0.0
+    per_bin_mean: tuple[float, ...] | None = None
+    per_bin_stddev: tuple[float, ...] | None = None
+
+
+GEMMA3N_AUDIO = AudioFeatureSettings()
+
+
+def load_audio(source: str | Path | np.ndarray, sampling_rate: int = GEMMA3N_AUDIO.sampling_rate) -> np.ndarray:
+    """A mono float32 signal at `sampling_rate`, from an audio file (anything libsndfile reads: WAV of
+    any rate / depth / channel count, FLAC, MP3, OGG...) or from a 1-D float array already at that rate."""
     if isinstance(source, np.ndarray):
-        return _checked_array(source)
+        return _checked_array(source, sampling_rate)
     path = Path(source).expanduser()
     if not path.is_file():
         raise Gemma3nError(f"audio file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    return decode_audio(str(path), f"audio file {path}", sampling_rate)
+
+
+def decode_audio(file, name: str, sampling_rate: int = GEMMA3N_AUDIO.sampling_rate) -> np.ndarray:
+    """`load_audio` of an open file or a path (`name` says which in errors)."""
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        data, rate = soundfile.read(file, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise Gemma3nError(f"cannot read audio file {path}: {exc}") from None
+        raise Gemma3nError(f"cannot read {name}: {exc}") from None
     if data.shape[0] == 0:
-        raise Gemma3nError(f"audio file {path} has no samples")
+        raise Gemma3nError(f"{name} has no samples")
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    if rate != sampling_rate:
+        mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
     if not np.all(np.isfinite(mono)):
-        raise Gemma3nError(f"audio file {path} holds non-finite samples")
+        raise Gemma3nError(f"{name} holds non-finite samples")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _checked_array(audio: np.ndarray) -> np.ndarray:
+def _checked_array(audio: np.ndarray, sampling_rate: int) -> np.ndarray:
     if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
         raise Gemma3nError(
-            f"an audio array must hold 1-D float samples (mono, {SAMPLE_RATE} Hz), "
+            f"an audio array must hold 1-D float samples (mono, {sampling_rate} Hz), "
             f"not {audio.dtype} of shape {audio.shape}"
         )
     if audio.size == 0:
@@ -69,17 +94,17 @@ def _checked_array(audio: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-def num_frames(num_samples: int) -> int:
+def num_frames(num_samples: int, settings: AudioFeatureSettings = GEMMA3N_AUDIO) -> int:
     """How many feature frames `extract_features` gives for a clip of `num_samples` samples."""
     padded = math.ceil(num_samples / PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
-    return max(0, (padded - FRAME_LENGTH - 1) // HOP_LENGTH + 1)
+    return max(0, (padded - settings.frame_length - 1) // settings.hop_length + 1)
 
 
-def mel_filter_bank() -> np.ndarray:
-    """(FFT_LENGTH // 2 + 1, NUM_MEL_BINS) triangular filters on the HTK mel scale."""
-    bin_freqs = np.arange(FFT_LENGTH // 2 + 1, dtype=np.float32) * (SAMPLE_RATE / FFT_LENGTH)
-    mel_lo, mel_hi = (2595.0 * math.log10(1.0 + f / 700.0) for f in (MIN_FREQUENCY, MAX_FREQUENCY))
-    edges = 700.0 * (10 ** (np.linspace(mel_lo, mel_hi, NUM_MEL_BINS + 2) / 2595.0) - 1.0)
+def mel_filter_bank(settings: AudioFeatureSettings = GEMMA3N_AUDIO) -> np.ndarray:
+    """(fft_length // 2 + 1, feature_size) triangular filters on the HTK mel scale."""
+    bin_freqs = np.arange(settings.fft_length // 2 + 1, dtype=np.float32) * (settings.sampling_rate / settings.fft_length)
+    mel_lo, mel_hi = (2595.0 * math.log10(1.0 + f / 700.0) for f in (settings.min_frequency, settings.max_frequency))
+    edges = 700.0 * (10 ** (np.linspace(mel_lo, mel_hi, settings.feature_size + 2) / 2595.0) - 1.0)
     widths = np.diff(edges)
     slopes = edges[None, :] - bin_freqs[:, None]
     rising = -slopes[:, :-2] / widths[:-1]
@@ -87,32 +112,54 @@ def mel_filter_bank() -> np.ndarray:
     return np.maximum(0.0, np.minimum(rising, falling))
 
 
-_MEL_FILTERS = mel_filter_bank()
-_WINDOW = (0.5 * (1 - np.cos(2 * np.pi * np.arange(FRAME_LENGTH, dtype=np.float32) / FRAME_LENGTH))).astype(np.float32)
+@lru_cache(maxsize=4)
+def _window_and_filters(settings: AudioFeatureSettings) -> tuple[np.ndarray, np.ndarray]:
+    arange = np.arange(settings.frame_length, dtype=np.float32)
+    window = (0.5 * (1 - np.cos(2 * np.pi * arange / settings.frame_length))).astype(np.float32)
+    return window, mel_filter_bank(settings)
 
 
-def extract_features(audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Log-mel features (T, 128) float32 and their mask (T,) bool, True = a real frame.
+def extract_features(audio: np.ndarray, settings: AudioFeatureSettings = GEMMA3N_AUDIO) -> tuple[np.ndarray, np.ndarray]:
+    """Log-mel features (T, feature_size) float32 and their mask (T,) bool, True = a frame that starts
+    inside the clip (Transformers' `input_features_mask`; all True with the default settings).
 
-    T = `num_frames(len(audio))`: 0 for clips under 513 samples, as in Transformers. For one clip
-    every frame is real (the mask is all True); the mask is returned for the encoder's interface.
+    T = `num_frames(len(audio), settings)`: 0 for clips under one window (513 samples by default),
+    as in Transformers.
     """
-    audio = _checked_array(np.asarray(audio))
+    audio = _checked_array(np.asarray(audio), settings.sampling_rate)
     if audio.size > MAX_SAMPLES:
         raise Gemma3nError(
-            f"the audio clip is {audio.size / SAMPLE_RATE:.2f} s long; Gemma 3n takes at most "
-            f"{MAX_SAMPLES // SAMPLE_RATE} s per clip: split it into several clips"
+            f"the audio clip is {audio.size / settings.sampling_rate:.2f} s long; Gemma 3n takes at most "
+            f"{MAX_SAMPLES / settings.sampling_rate:g} s per clip: split it into several clips"
         )
-    count = num_frames(audio.size)
+    count = num_frames(audio.size, settings)
     if count == 0:
-        return np.zeros((0, NUM_MEL_BINS), dtype=np.float32), np.zeros(0, dtype=bool)
-    padded = np.zeros((count - 1) * HOP_LENGTH + FRAME_LENGTH + 1, dtype=np.float32)
+        return np.zeros((0, settings.feature_size), dtype=np.float32), np.zeros(0, dtype=bool)
+    window_size = settings.frame_length + 1
+    padded = np.full((count - 1) * settings.hop_length + window_size, settings.padding_value, dtype=np.float32)
     padded[: min(audio.size, padded.size)] = audio[: padded.size]
-    windows = np.lib.stride_tricks.sliding_window_view(padded, FRAME_LENGTH + 1)[::HOP_LENGTH]
-    # HTK pre-emphasis inside each 513-sample window: y[0] = x[0] * (1 - a), y[i] = x[i] - a * x[i - 1].
-    frames = np.concatenate(
-        [windows[:, :1] * (1.0 - PREEMPHASIS), windows[:, 1:-1] - PREEMPHASIS * windows[:, :-2]], axis=1
-    )
-    magnitudes = np.abs(np.fft.rfft(frames * _WINDOW, n=FFT_LENGTH, axis=-1))
-    log_mel = np.log(np.maximum(magnitudes @ _MEL_FILTERS, MEL_FLOOR))
-    return log_mel.astype(np.float32), np.ones(count, dtype=bool)
+    if settings.input_scale_factor != 1.0:
+        padded = padded * settings.input_scale_factor
+    windows = np.lib.stride_tricks.sliding_window_view(padded, window_size)[:: settings.hop_length]
+    frames = _preemphasised(windows, settings)
+    window, mel_filters = _window_and_filters(settings)
+    magnitudes = np.abs(np.fft.rfft(frames * window, n=settings.fft_length, axis=-1))
+    log_mel = np.log(np.maximum(magnitudes @ mel_filters, np.float64(settings.mel_floor)))
+    if settings.per_bin_mean is not None:
+        log_mel = log_mel - np.array(settings.per_bin_mean)
+    if settings.per_bin_stddev is not None:
+        log_mel = log_mel / np.array(settings.per_bin_stddev)
+    valid = np.arange(count) * settings.hop_length < audio.size
+    return log_mel.astype(np.float32), valid
+
+
+def _preemphasised(windows: np.ndarray, settings: AudioFeatureSettings) -> np.ndarray:
+    """(frames, frame_length + 1) windows -> (frames, frame_length): y[i] = x[i] - a * x[i - 1] inside
+    each window; HTK-style, the first sample becomes x[0] * (1 - a) and the window's last is dropped,
+    otherwise the first is dropped. With a = 0, the window's last sample is dropped."""
+    a = settings.preemphasis
+    if a <= 0.0:
+        return windows[:, :-1]
+    if settings.preemphasis_htk_flavor:
+        return np.concatenate([windows[:, :1] * (1.0 - a), windows[:, 1:-1] - a * windows[:, :-2]], axis=1)
+    return windows[:, 1:] - a * windows[:, :-1]

@@ -116,6 +116,28 @@ class SlidingKVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
+class RowCaches:
+    """One layer's caches of a batch of sequences, one cache per row: a batched decode step updates
+    each row's own cache, and each row attends to its own keys (see `Attention.attend`), so a row's
+    result is the one it gets alone."""
+
+    def __init__(self, rows: list):
+        self.rows = rows
+
+    @property
+    def offset(self) -> mx.array:
+        return mx.array([row.offset for row in self.rows])
+
+    def update(self, keys: mx.array, values: mx.array):
+        updated = [row.update(keys[i : i + 1], values[i : i + 1]) for i, row in enumerate(self.rows)]
+        return tuple(list(column) for column in zip(*updated))
+
+
+def batched_cache(caches: list[list]) -> list[RowCaches]:
+    """The per-sequence caches (each from `make_cache`) as one cache of a batch, a row per sequence."""
+    return [RowCaches(list(rows)) for rows in zip(*caches)]
+
+
 def make_cache(config: TextConfig) -> list:
     """One cache per KV-owning layer (the first `num_hidden_layers - num_kv_shared_layers`)."""
     return [

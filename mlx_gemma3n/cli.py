@@ -21,6 +21,9 @@ DEFAULT_MODEL = "google/gemma-3n-E2B-it"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.generate", description=__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hugging Face hub id")
+    parser.add_argument("--adapter-path", help="a PEFT LoRA adapter (folder or hub id) to run over the model")
+    parser.add_argument("--matformer", metavar="SPEC", help="run a MatFormer slice of an E4B model: a name from "
+                        "`python -m mlx_gemma3n.matformer --list` or a JSON file")
     parser.add_argument("--prompt", "-p", help="the prompt; '-' reads it from stdin")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--image", action="append", default=[], help="image file or URL (repeatable)")
@@ -36,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
     parser.add_argument("--prompt-cache-file", help="reuse the prompt's KV cache from this file / save it there")
     parser.add_argument("--chat", action="store_true", help="interactive chat on stdin, keeping the KV cache")
+    parser.add_argument(
+        "--show-special-tokens", action="store_true", help="keep special tokens (<image_soft_token>, ...) in the reply text"
+    )
     parser.add_argument("--verbose", action="store_true", help="also report the KV-cache size")
     args = parser.parse_args(argv)
     if not args.chat and args.prompt is None:
@@ -99,7 +105,8 @@ def chat(model, processor, params, args) -> None:
         if not line.strip():
             break
         content = user_content(line.strip(), args) if turn == 0 else line.strip()
-        responses = conversation.ask(content, params, args.max_tokens, args.prefill_step_size)
+        skip = not args.show_special_tokens
+        responses = conversation.ask(content, params, args.max_tokens, args.prefill_step_size, skip)
         run_turn(responses, conversation.session, args.verbose)
 
 
@@ -112,7 +119,7 @@ def generate_from_args(args) -> None:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not args.chat and not prompt.strip():
         raise Gemma3nError("the prompt is empty")
-    model, processor = load(args.model, dtype=args.dtype)
+    model, processor = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path, matformer=args.matformer)
     params = sampling_params(processor, **chosen)
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -122,7 +129,8 @@ def generate_from_args(args) -> None:
     content = user_content(prompt, args)
     messages = content if isinstance(content, str) else [{"role": "user", "content": content}]
     session, prepared = session_for_prompt(model, processor, prepare_prompt(processor, messages, args.system), args)
-    run_turn(session.stream(prepared, params, args.max_tokens, args.prefill_step_size), session, args.verbose)
+    responses = session.stream(prepared, params, args.max_tokens, args.prefill_step_size, not args.show_special_tokens)
+    run_turn(responses, session, args.verbose)
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ before use, so a truncated or corrupt file is reported by name.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,37 +19,52 @@ from .cpu_split import split_over_cores
 from .errors import Gemma3nError
 from .mapped import MappedEmbedding, TensorLocation, locate, read_header
 from .model import TOWERS, Model
-from .quantization import quantize_like_checkpoint
+from .quantization import module_entries_renamed, quantize_like_checkpoint
 
 # What a model folder needs; nothing else is downloaded (no pickles, no remote code).
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]
 SHARED_KV_PARAMS = ("k_proj", "v_proj", "k_norm", "v_norm")
 MAPPED_TABLE = "language_model.embed_tokens_per_layer"
+EMBEDDERS = ("embed_vision.", "embed_audio.")
+UNGATED_MODEL = "mlx-community/gemma-3n-E2B-it-4bit"  # mlx-vlm's 4-bit conversion of the gated default
 COMPUTE_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
-def resolve_model_path(path_or_hub_id: str | Path) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (only the files a model needs)."""
+def resolve_model_path(path_or_hub_id: str | Path, patterns=HUB_PATTERNS, what: str = "model") -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (only the files matching `patterns`:
+    those a model needs, or an adapter's)."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise Gemma3nError(f"model path {path} is a file, expected a model folder")
+            raise Gemma3nError(f"{what} path {path} is a file, expected a {what} folder")
         return path
     name = str(path_or_hub_id)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise Gemma3nError(f"model path {name} does not exist")
-    return Path(download(name))
+        raise Gemma3nError(f"{what} path {name} does not exist")
+    return Path(download(name, patterns))
 
 
-def download(repo_id: str) -> str:
+def access_denied(repo_id: str) -> Gemma3nError:
+    return Gemma3nError(
+        f"'{repo_id}' is gated on the Hugging Face Hub and this machine has no access to it: accept its licence "
+        f"on https://huggingface.co/{repo_id} (signed in), then run `hf auth login` here with a token of that "
+        f"account; or load the ungated MLX folder {UNGATED_MODEL} instead"
+    )
+
+
+def download(repo_id: str, patterns=HUB_PATTERNS) -> str:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+        return snapshot_download(repo_id, allow_patterns=patterns)
+    except GatedRepoError:
+        raise access_denied(repo_id) from None
     except RepositoryNotFoundError:
-        raise Gemma3nError(f"'{repo_id}' is not a model on the Hugging Face Hub (or it is gated/private)") from None
+        raise Gemma3nError(f"'{repo_id}' is not a model on the Hugging Face Hub (or it is private)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        if getattr(getattr(exc, "response", None), "status_code", None) in (401, 403):
+            raise access_denied(repo_id) from None
         raise Gemma3nError(
             f"cannot download '{repo_id}' from the Hugging Face Hub (offline? {type(exc).__name__}); "
             "pass a local model folder instead"
@@ -81,9 +97,14 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def our_name(hf_name: str, config: ModelConfig) -> str | None:
-    """Our parameter name for a checkpoint tensor, or None for a tensor we do not use."""
+    """Our parameter name for a checkpoint tensor, or None for a tensor we do not use.
+
+    Names tell the folder's layout: Transformers / Google (`model.language_model.`, `model.vision_tower.`,
+    ...; text-only `model.`), mlx-lm (Transformers' names, text part only), mlx-vlm
+    (`language_model.model.`, `vision_tower.`, ...) and ours (`language_model.`, `vision_tower.`, ...)."""
     for prefix, ours in (
         ("model.language_model.", "language_model."),
+        ("language_model.model.", "language_model."),
         ("model.embed_vision.", "embed_vision."),
         ("model.embed_audio.", "embed_audio."),
         ("model.vision_tower.", "vision_tower."),
@@ -155,11 +176,12 @@ def check_names(model: Model, names: set[str]) -> None:
         raise Gemma3nError("checkpoint does not match the Gemma 3n config: " + "; ".join(lines))
 
 
-def map_table(model: Model, mapped: dict[str, TensorLocation], dtype) -> None:
-    """Serve the PLE table from its file: the module becomes a MappedEmbedding (no parameters)."""
+def map_table(model: Model, mapped: dict[str, TensorLocation], dtype, columns: dict | None = None) -> None:
+    """Serve the PLE table from its file: the module becomes a MappedEmbedding (no parameters);
+    `columns`: the columns read of each part (a MatFormer slice's layers)."""
     table = model.language_model.embed_tokens_per_layer
-    quantization = {"group_size": table.group_size, "bits": table.bits} if "scales" in mapped else {}
-    model.language_model.embed_tokens_per_layer = MappedEmbedding(mapped, dtype=dtype, **quantization)
+    quantization = {"group_size": table.group_size, "bits": table.bits, "mode": table.mode} if "scales" in mapped else {}
+    model.language_model.embed_tokens_per_layer = MappedEmbedding(mapped, dtype=dtype, columns=columns, **quantization)
 
 
 def adapt_to_cpu(model: Model, dtype) -> None:
@@ -181,18 +203,45 @@ def adapt_to_cpu(model: Model, dtype) -> None:
     split_over_cores(model)
 
 
-def load_model(model_dir: Path, dtype=None) -> Model:
+def our_module_path(path: str, config: ModelConfig) -> str | None:
+    """Our path of a checkpoint's module (e.g. a quantization entry's key), or None for one we drop."""
+    name = our_name(f"{path}.weight", config)
+    return name and name.removesuffix(".weight")
+
+
+def our_quantization_block(config: ModelConfig) -> dict:
+    """config.json's quantization block with its per-module entries under our module paths."""
+    return module_entries_renamed(config.quantization, lambda path: our_module_path(path, config))
+
+
+def text_part(config: ModelConfig) -> ModelConfig:
+    """The text model's config: mlx-lm's folders keep the multimodal config.json but only the text
+    model's weights (no embedders, no towers)."""
+    return replace(config, model_type="gemma3n_text", vision=None, audio=None, vision_tower={}, audio_tower={})
+
+
+def load_model(model_dir: Path, dtype=None, matformer=None) -> Model:
+    """matformer: a MatFormer slice (a name from its table or a JSON spec, see matformer.py) cut from
+    the folder's weights as they are read."""
     config = load_config(model_dir)
     weights, towers, mapped = read_weights(model_dir, config)
+    table_columns = None
+    if matformer is not None:
+        from .matformer import slice_at_load  # matformer.py builds on this module
+
+        config, weights, table_columns = slice_at_load(matformer, model_dir, config, weights, mapped)
+    if config.is_multimodal and not any(name.startswith(EMBEDDERS) for name in weights):
+        config = text_part(config)
     model = Model(config, towers=tuple(towers) if config.is_multimodal else ())
     for tower, tower_weights in towers.items():
         weights.update({f"{tower}.{k}": v for k, v in model[tower].sanitize(tower_weights).items()})
     if config.quantization:
+        config.quantization = our_quantization_block(config)
         quantize_like_checkpoint(model, config.quantization, set(weights) | {f"{MAPPED_TABLE}.{k}" for k in mapped})
     if dtype is not None:
         dtype = COMPUTE_DTYPES[dtype] if isinstance(dtype, str) else dtype
     if mapped:
-        map_table(model, mapped, dtype)
+        map_table(model, mapped, dtype, table_columns)
     check_names(model, set(weights))
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}

@@ -3,7 +3,7 @@
 The per-layer-embedding table is the largest tensor of Gemma 3n (262144 x layers*256: 2.0 B
 parameters for E2B, more than the transformer core), yet a step needs one row per token. Mapping
 it keeps it out of the resident set: the OS pages in the rows that are read and may drop them again.
-Works for float tables and for MLX-quantized ones (packed weight + scales + biases).
+Works for float tables and for MLX-quantized ones (packed weight + scales, + biases in affine mode).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ SAFETENSORS_DTYPES = {
     "F16": (np.float16, mx.float16),
     "BF16": (np.uint16, mx.bfloat16),
     "U32": (np.uint32, mx.uint32),
+    "U8": (np.uint8, mx.uint8),  # scales of the mxfp4 / mxfp8 / nvfp4 modes
 }
 
 
@@ -64,20 +65,23 @@ def locate(path: Path, name: str, data_start: int, header: dict) -> TensorLocati
 
 
 class MappedRows:
-    """A 2-D tensor of a safetensors file, memory-mapped, read a few rows at a time."""
+    """A 2-D tensor of a safetensors file, memory-mapped, read a few rows at a time; with `columns`
+    (indices), only those columns of each row are read (a MatFormer slice's PLE layers)."""
 
-    def __init__(self, location: TensorLocation):
+    def __init__(self, location: TensorLocation, columns: np.ndarray | None = None):
         np_dtype, self.view = SAFETENSORS_DTYPES[location.dtype]
         with open(location.file, "rb") as f:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         count = math.prod(location.shape)
         self.array = np.frombuffer(self.map, np_dtype, count, location.offset).reshape(location.shape)
         self.offset = location.offset
+        self.columns = columns
 
     def __call__(self, ids: np.ndarray) -> mx.array:
         if len(ids) > 1:
             self.prefetch(ids)
-        return mx.array(np.ascontiguousarray(self.array[ids])).view(self.view)
+        rows = self.array[ids] if self.columns is None else self.array[np.ix_(ids, self.columns)]
+        return mx.array(np.ascontiguousarray(rows)).view(self.view)
 
     def prefetch(self, ids: np.ndarray) -> None:
         """Ask the OS for all the rows at once (MADV_WILLNEED), so that their reads from disk overlap
@@ -95,22 +99,28 @@ class MappedRows:
 class MappedEmbedding(nn.Module):
     """nn.Embedding / nn.QuantizedEmbedding lookups served from memory-mapped tensors.
 
-    `parts` maps "weight" (and "scales", "biases" when quantized) to their file locations.
+    `parts` maps "weight" (and "scales", "biases" when quantized) to their file locations; `columns`
+    maps a part to the columns of it that are read (all when absent).
     """
 
-    def __init__(self, parts: dict[str, TensorLocation], group_size: int = 64, bits: int = 4, dtype=None):
+    def __init__(
+        self, parts: dict[str, TensorLocation], group_size: int = 64, bits: int = 4, mode: str = "affine", dtype=None,
+        columns: dict[str, np.ndarray] | None = None,
+    ):
         super().__init__()
-        self._rows = {kind: MappedRows(location) for kind, location in parts.items()}
+        columns = columns or {}
+        self._rows = {kind: MappedRows(location, columns.get(kind)) for kind, location in parts.items()}
         quantized = "scales" in parts
-        self.group_size, self.bits = (group_size, bits) if quantized else (None, None)
+        self.group_size, self.bits, self.mode = (group_size, bits, mode) if quantized else (None, None, None)
         self._dtype = dtype
 
     def __call__(self, ids: mx.array) -> mx.array:
         flat = np.asarray(ids, dtype=np.int64).reshape(-1)
         if self.bits:
+            biases = self._rows["biases"](flat) if "biases" in self._rows else None
             rows = mx.dequantize(
-                self._rows["weight"](flat), self._rows["scales"](flat), self._rows["biases"](flat),
-                group_size=self.group_size, bits=self.bits,
+                self._rows["weight"](flat), self._rows["scales"](flat), biases,
+                group_size=self.group_size, bits=self.bits, mode=self.mode,
             )
         else:
             rows = self._rows["weight"](flat)

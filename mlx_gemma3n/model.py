@@ -48,7 +48,22 @@ class Model(nn.Module):
         digest = hashlib.sha256(repr(asdict(self.config.text)).encode())
         for weight in (lm.norm.weight, lm.layers[0].input_layernorm.weight, lm.layers[-1].altup.correct_output_scale):
             digest.update(np.array(weight.astype(mx.float32)).tobytes())
+        adapters = self.__dict__.get("_adapter_set")
+        if adapters is not None and adapters.active is not None:
+            digest.update(f"adapter {adapters.active} {adapters.adapters[adapters.active].source}".encode())
         return digest.hexdigest()[:32]
+
+    def load_adapter(self, path_or_hub_id, name: str = "default") -> None:
+        """Read a PEFT LoRA adapter (folder or hub id) over this model and make it the active one."""
+        from .adapters import adapter_set
+
+        adapter_set(self).load(path_or_hub_id, name)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Switch to a loaded adapter by name, or back to the base model with None."""
+        from .adapters import adapter_set
+
+        adapter_set(self).activate(name)
 
     def hard_token_embeddings(self):
         """(first multimodal id, table of every multimodal hard token's embedding), built once.
@@ -114,13 +129,16 @@ class Model(nn.Module):
     def __call__(self, input_ids, cache=None, last_token_only=False, capture=None, prefill_shortcut=True, embeddings=None):
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_token_only`. `embeddings` (from
         `embed_with_media`) replaces the token embeddings of `input_ids`."""
+        return self.logits(self.hidden_states(input_ids, cache, last_token_only, capture, prefill_shortcut, embeddings))
+
+    def hidden_states(self, input_ids, cache=None, last_token_only=False, capture=None, prefill_shortcut=True, embeddings=None):
+        """The final-normed hidden states the LM head reads (arguments as for `__call__`)."""
         lm = self.language_model
         if embeddings is None:
             embeddings = self.embed(input_ids)
-        per_layer_embeddings = lm.per_layer_embeddings(input_ids)
+        per_layer_embeddings = lm.per_layer_embeddings(input_ids, self.activation_dtype)
         if self.activation_dtype is not None:
             embeddings = embeddings.astype(self.activation_dtype)
-            per_layer_embeddings = per_layer_embeddings.astype(self.activation_dtype)
         per_layer_inputs = lm.per_layer_inputs(embeddings, per_layer_embeddings)
         if capture is not None:
             capture.update(
@@ -129,7 +147,11 @@ class Model(nn.Module):
         hidden = lm(embeddings, per_layer_inputs, cache, last_token_only, capture, prefill_shortcut)
         if capture is not None:
             capture["final_norm"] = hidden
-        logits = lm.embed_tokens.as_linear(hidden)
+        return hidden
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The tied LM head over final hidden states, soft-capped."""
+        logits = self.language_model.embed_tokens.as_linear(hidden)
         cap = self.config.text.final_logit_softcapping
         if cap:
             logits = mx.tanh(logits / cap) * cap

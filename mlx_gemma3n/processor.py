@@ -9,8 +9,10 @@ Transformers is not imported at run time: it is heavy to import and not needed t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,13 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .audio import AudioConfig, soft_token_count
 from .audio_features import extract_features, load_audio
 from .errors import Gemma3nError
-from .image import load_image, preprocess_image
+from .image import preprocess_image
+from .preprocessor_config import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, preprocessing_settings
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 @dataclass
@@ -29,7 +35,7 @@ class Prompt:
     """Token ids and the preprocessed media their placeholders stand for, in order."""
 
     ids: list[int]
-    images: list[np.ndarray] = field(default_factory=list)  # (768, 768, 3) float32 each
+    images: list[np.ndarray] = field(default_factory=list)  # (height, width, 3) float32 each
     audio: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (features, valid mask)
 
 
@@ -38,23 +44,6 @@ def media_source(part: dict, kind: str):
         if part.get(key) is not None:
             return part[key]
     raise Gemma3nError(f"a {kind} content part needs an '{kind}', 'url' or 'path' entry")
-
-
-def load_media(messages: list[dict]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
-    """The images and audio clips of HF-format chat messages, loaded and preprocessed, in order."""
-    images, audio = [], []
-    for message in messages:
-        content = message.get("content")
-        for part in content if isinstance(content, list) else []:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "image":
-                images.append(preprocess_image(load_image(media_source(part, "image"))))
-            elif kind == "audio":
-                features, valid = extract_features(load_audio(media_source(part, "audio")))
-                if not valid.any():
-                    raise Gemma3nError("an audio clip is too short: it must be longer than 512 samples (32 ms)")
-                audio.append((features, valid))
-    return images, audio
 
 
 def _read_json(path: Path) -> dict:
@@ -98,11 +87,16 @@ class Processor:
         self.bos_token_id = self.token_id(self.special_tokens.get("bos_token", "<bos>"))
         self.chat_template = self._read_chat_template(model_dir, config)
         model_config = _read_json(model_dir / "config.json")
+        self.audio_settings, self.image_settings = preprocessing_settings(
+            model_dir, _read_json(model_dir / PROCESSOR_CONFIG), _read_json(model_dir / PREPROCESSOR_CONFIG)
+        )
+        self.audio_tower_config = model_config.get("audio_config")
+        self.audio_soft_tokens = model_config.get("audio_soft_tokens_per_image", 188)
         self.media_sequences = {
             self.special_tokens[soft]: f"\n\n{self.special_tokens[start]}{self.special_tokens[soft] * count}{self.special_tokens[end]}\n\n"
             for soft, start, end, count in (
                 ("image_token", "boi_token", "eoi_token", model_config.get("vision_soft_tokens_per_image", 256)),
-                ("audio_token", "boa_token", "eoa_token", model_config.get("audio_soft_tokens_per_image", 188)),
+                ("audio_token", "boa_token", "eoa_token", self.audio_soft_tokens),
             )
             if all(key in self.special_tokens for key in (soft, start, end))
         }
@@ -135,7 +129,25 @@ class Processor:
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; `skip_special_tokens` leaves out the ids Transformers' Gemma tokenizer counts
+        as special (see `special_token_ids`)."""
+        kept = [i for i in ids if i not in self.special_token_ids] if skip_special_tokens else list(ids)
+        return self.tokenizer.decode(kept, skip_special_tokens=False)
+
+    @cached_property
+    def byte_token_ids(self) -> frozenset[int]:
+        """Ids of the byte-fallback tokens `<0x00>`..`<0xFF>`: a run of them decodes as a whole (its
+        bytes as UTF-8 when they are valid, else one U+FFFD per byte)."""
+        return frozenset(i for token, i in self.tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(token))
+
+    @cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """The added tokens flagged special, and the tokens the tokenizer config names (bos, eos, pad,
+        unk, the media tokens; `<mask>` unless it names another: GemmaTokenizer's default), as
+        Transformers' tokenizer registers them."""
+        flagged = {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
+        named = [token for token in {"mask_token": "<mask>", **self.special_tokens}.values() if isinstance(token, str)]
+        return frozenset(flagged | {i for i in map(self.token_id, named) if i is not None})
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
@@ -151,6 +163,49 @@ class Processor:
         except TemplateError as exc:
             raise Gemma3nError(f"cannot render the chat template: {exc}") from None
 
+    def image_pixels(self, image) -> np.ndarray:
+        """Anything `image.load_image` takes -> (height, width, 3) float32 pixel values, as the
+        checkpoint's image processor makes them."""
+        return preprocess_image(image, self.image_settings)
+
+    def audio_features(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A mono float32 clip at the checkpoint's sampling rate -> (log-mel features (T, feature_size),
+        valid mask (T,)), as the checkpoint's feature extractor makes them."""
+        settings = self.audio_settings
+        features, valid = extract_features(samples, settings)
+        if not valid.any():
+            raise Gemma3nError(
+                f"an audio clip of {len(samples)} samples is too short: a feature frame takes "
+                f"{settings.frame_length + 1} samples at {settings.sampling_rate} Hz"
+            )
+        if self.audio_tower_config is not None:
+            tower = AudioConfig.from_dict(self.audio_tower_config)
+            if tower.input_feat_size != settings.feature_size:
+                raise Gemma3nError(
+                    f"the audio tower takes {tower.input_feat_size} mel bins (config.json audio_config.input_feat_size) "
+                    f"but its feature extractor makes {settings.feature_size} (feature_size, 128 without a {PREPROCESSOR_CONFIG})"
+                )
+            tokens = soft_token_count(len(samples), self.audio_tower_config, settings)
+            if tokens > self.audio_soft_tokens:
+                raise Gemma3nError(
+                    f"the audio clip ({len(samples) / settings.sampling_rate:.2f} s) gives {tokens} soft tokens; this model "
+                    f"takes at most {self.audio_soft_tokens} per clip: split it into several clips"
+                )
+        return features, valid
+
+    def load_media(self, messages: list[dict]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+        """The images and audio clips of HF-format chat messages, loaded and preprocessed, in order."""
+        images, audio = [], []
+        for message in messages:
+            content = message.get("content")
+            for part in content if isinstance(content, list) else []:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image":
+                    images.append(self.image_pixels(media_source(part, "image")))
+                elif kind == "audio":
+                    audio.append(self.audio_features(load_audio(media_source(part, "audio"), self.audio_settings.sampling_rate)))
+        return images, audio
+
     def expand_media_placeholders(self, text: str) -> str:
         """Each image/audio placeholder -> start token, the soft-token run, end token (Gemma3nProcessor)."""
         for placeholder, sequence in self.media_sequences.items():
@@ -160,7 +215,7 @@ class Processor:
     def prepare(self, messages: list[dict]) -> Prompt:
         """Chat messages (content strings or parts: text, image, audio) -> Prompt, generation prompt included."""
         text = self.expand_media_placeholders(self.apply_chat_template(messages, add_generation_prompt=True))
-        images, audio = load_media(messages)
+        images, audio = self.load_media(messages)
         ids = self.encode(text, add_bos=False)
         for kind, placeholder, items in (("image", "image_token", images), ("audio", "audio_token", audio)):
             sequence = self.media_sequences.get(self.special_tokens.get(placeholder))

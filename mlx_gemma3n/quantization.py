@@ -1,7 +1,7 @@
 """Which modules are quantized, at how many bits (recipes), and quantizing a model to match a folder.
 
-A converted folder's config.json carries a `quantization` block: the default `bits` and
-`group_size`, plus an entry per module whose settings differ (a dict) or that stays float (false).
+A converted folder's config.json carries a `quantization` block: the default `bits`, `group_size` and
+`mode`, plus an entry per module whose settings differ (a dict) or that stays float (false).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from .errors import Gemma3nError
 # the vision and audio towers stay float for now (their convolutions must, their linears untried).
 FLOAT_SUBMODULES = (".altup.", ".laurel.")
 FLOAT_PREFIXES = ("vision_tower.", "audio_tower.")
+# MLX's quantization modes: affine has float scales and biases, the others uint8 scales only.
+MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
 
 
 def is_quantizable(path: str, module: nn.Module) -> bool:
@@ -63,14 +65,31 @@ def config_block(plan: dict, left_float: list[str], recipe: str, bits: int, grou
     return block
 
 
+def module_entries_renamed(block: dict, rename: Callable[[str], str | None]) -> dict:
+    """The block with its per-module entries (a dict or false) keyed by `rename(path)`; entries whose
+    module `rename` drops (None) are left out. Other folders' tools key them by their own paths."""
+    renamed = {}
+    for key, value in block.items():
+        if isinstance(value, (dict, bool)):
+            key = rename(key)
+        if key is not None:
+            renamed[key] = value
+    return renamed
+
+
 def quantize_like_checkpoint(model: nn.Module, block: dict, weight_names: set[str]) -> None:
-    """Turn into quantized layers exactly the modules whose weights the checkpoint stores quantized."""
-    default = {"bits": block.get("bits", 4), "group_size": block.get("group_size", 64)}
+    """Turn into quantized layers exactly the modules whose weights the checkpoint stores quantized,
+    with the block's `group_size`, `bits` and `mode` (affine, mxfp4, mxfp8, nvfp4), or with a module's
+    own entry. As MLX's loaders read an entry, its missing keys take MLX's defaults, not the block's
+    (a mode's own group size and bits; affine: 64 and 4)."""
+    mode = block.get("mode", "affine")
+    if mode not in MODES:
+        raise Gemma3nError(f"config.json quantization mode '{mode}' is not one of MLX's ({', '.join(MODES)})")
 
     def predicate(path: str, module: nn.Module):
         if f"{path}.scales" not in weight_names:
             return False
         entry = block.get(path)
-        return entry if isinstance(entry, dict) else default
+        return dict(entry) if isinstance(entry, dict) else True
 
-    nn.quantize(model, class_predicate=predicate)
+    nn.quantize(model, block.get("group_size"), block.get("bits"), mode=mode, class_predicate=predicate)

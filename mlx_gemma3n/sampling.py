@@ -66,10 +66,11 @@ def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:
     return logits
 
 
-def sample(logits: mx.array, params: SamplingParams, recent_tokens: mx.array | None = None) -> mx.array:
-    """Next token ids (B,) from last-position logits (B, V)."""
+def sample(logits: mx.array, params: SamplingParams, recent_tokens: mx.array | None = None, key: mx.array | None = None) -> mx.array:
+    """Next token ids (B,) from last-position logits (B, V); `key` (mx.random.key) instead of the global
+    random state."""
     if recent_tokens is not None and params.repetition_penalty != 1.0 and recent_tokens.size:
         logits = apply_repetition_penalty(logits, recent_tokens, params.repetition_penalty)
     if params.temperature == 0:
         return mx.argmax(logits, axis=-1)
-    return mx.random.categorical(filter_logits(logits, params), axis=-1)
+    return mx.random.categorical(filter_logits(logits, params), axis=-1, key=key)

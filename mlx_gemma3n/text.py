@@ -99,8 +99,15 @@ class Attention(nn.Module):
         if self.owns_kv:
             keys, values = self.compute_keys_values(x, offset)
             shared_kv[self.layer_type] = (keys, values, mask) if cache is None else cache.update(keys, values)
-        out = self.attend(queries, *shared_kv[self.layer_type])
+        out = self.attend_rows(queries, *shared_kv[self.layer_type])
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+    def attend_rows(self, queries: mx.array, keys, values, mask) -> mx.array:
+        """`attend`, or for a batch of sequences with one (keys, values, mask) per row (lists, from
+        cache.RowCaches) `attend` row by row."""
+        if isinstance(keys, list):
+            return mx.concatenate([self.attend(queries[i : i + 1], *kv) for i, kv in enumerate(zip(keys, values, mask))])
+        return self.attend(queries, keys, values, mask)
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
@@ -220,7 +227,11 @@ class DecoderLayer(nn.Module):
             first = first * self.altup.correct_output_scale
         gated = self.act(self.per_layer_input_gate(first)) * per_layer_input
         injected = self.post_per_layer_input_norm(self.per_layer_projection(gated))
-        return mx.concatenate([corrected[:, :, :1], corrected[:, :, 1:] + injected[:, :, None]], axis=2)
+        # Streams 1.. get the injection, stream 0 does not: a 0/1 mask (exact: x + 0 * y == x for a finite
+        # y) instead of a slice and a concatenation, so the whole update is one elementwise kernel.
+        streams = corrected.shape[2]
+        injected_streams = mx.array([0.0] + [1.0] * (streams - 1), dtype=corrected.dtype)[:, None]
+        return corrected + injected[:, :, None] * injected_streams
 
 
 class TextModel(nn.Module):
@@ -249,11 +260,14 @@ class TextModel(nn.Module):
         # A Python scalar takes the array's dtype: the scale is rounded to it first, as in the reference.
         return rows * self.embed_scale
 
-    def per_layer_embeddings(self, input_ids: mx.array) -> mx.array:
-        """PLE table rows (B, T, layers, ple); ids outside the table (multimodal ids) use row 0."""
+    def per_layer_embeddings(self, input_ids: mx.array, dtype=None) -> mx.array:
+        """Scaled PLE table rows (B, T, layers, ple), in `dtype` (default: the table's); ids outside the
+        table (multimodal ids) use row 0."""
         cfg = self.config
         in_table = (input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input)
-        rows = self.embed_tokens_per_layer(mx.where(in_table, input_ids, 0)) * self.per_layer_embed_scale
+        rows = self.embed_tokens_per_layer(mx.where(in_table, input_ids, 0))
+        rows = rows if dtype is None else rows.astype(dtype)
+        rows = rows * self.per_layer_embed_scale
         return rows.reshape(*input_ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
 
     def per_layer_inputs(self, embeddings: mx.array, per_layer_embeddings: mx.array) -> mx.array:

@@ -20,6 +20,7 @@ each returns ``TinyCheckpoint(path, model)``, a NamedTuple that unpacks as
                        rope_local_base_freq / rope_scaling instead of rope_parameters
   tiny_ckpt_text_only  TINY_TEXT_B, Gemma3nForCausalLM (keys "model.layers..."), seed 2
   tiny_tokenizer       transformers tokenizer loaded from tiny_ckpt_a's folder
+  tiny_media           {"image": PNG path, "audio": WAV path} for media prompts
 
 All folders are float32 and contain config.json, model.safetensors,
 generation_config.json, tokenizer.json, tokenizer_config.json,
@@ -110,6 +111,22 @@ def tiny_tokenizer(tiny_ckpt_a):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_ckpt_a.path))
+
+
+@pytest.fixture(scope="session")
+def tiny_media(tmp_path_factory) -> dict[str, Path]:
+    """{"image": a random 300 x 420 PNG, "audio": a 2 s 16 kHz WAV (a 220 Hz tone and noise)}."""
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)).save(folder / "picture.png")
+    t = np.arange(16000 * 2) / 16000
+    clip = (0.4 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    soundfile.write(folder / "clip.wav", clip, 16000)
+    return {"image": folder / "picture.png", "audio": folder / "clip.wav"}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

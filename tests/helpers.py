@@ -22,3 +22,18 @@ def prompt_ids(seed: int, length: int, vocab_size: int = 512, batch: int = 1) ->
     ids = np.random.default_rng(seed).integers(3, vocab_size, size=(batch, length))
     ids[:, 0] = 2  # <bos>
     return ids
+
+
+def greedy_ignoring_eos(model, processor, prompt, max_tokens: int, prefill_step_size: int = 100) -> list[int]:
+    """Our greedy tokens with the stop tokens switched off (as reference.reference_greedy with
+    stop_at_eos=False): exactly `max_tokens` of them."""
+    from mlx_gemma3n.generate import Session
+    from mlx_gemma3n.sampling import SamplingParams
+
+    eos, processor.eos_token_ids = processor.eos_token_ids, set()
+    config_eos, model.config.eos_token_ids = model.config.eos_token_ids, []
+    try:
+        responses = Session(model, processor).stream(prompt, SamplingParams(temperature=0.0), max_tokens, prefill_step_size=prefill_step_size)
+        return [r.token for r in responses]
+    finally:
+        processor.eos_token_ids, model.config.eos_token_ids = eos, config_eos

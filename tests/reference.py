@@ -21,7 +21,7 @@ define_torchvision_op_schemas()
     tokenizer and processor modules) fails with "operator torchvision::nms
     does not exist" unless the ``nms`` / ``qnms`` schemas are defined first.
     Idempotent; must run before anything imports torchvision.
-TINY_TEXT_A, TINY_TEXT_B
+TINY_TEXT_A, TINY_TEXT_B, TINY_TEXT_E4B_LIKE
     Tiny ``Gemma3nTextConfig`` kwargs (plain dicts).
 TINY_VISION, TINY_AUDIO
     Tiny ``Gemma3nVisionConfig`` / ``Gemma3nAudioConfig`` kwargs.
@@ -164,6 +164,20 @@ TINY_TEXT_B: dict[str, Any] = dict(
     pad_token_id=0,
     bos_token_id=2,
     eos_token_id=[1, 106],
+)
+
+# E4B's structure, small: 15 layers (4:1 pattern), the last 10 KV-shared (donors: layer 3 for
+# sliding, 4 for full), every FFN width its own (multiples of 32), PLE blocks of 32 (whole
+# quantization groups of 32). For MatFormer slices (tests/test_matformer.py). Deeper, or with more
+# 0.95-sparse layers (5% of 128 units), float32 Transformers itself drifts past 1e-4 of float64.
+TINY_TEXT_E4B_LIKE: dict[str, Any] = dict(
+    TINY_TEXT_A,
+    hidden_size_per_layer_input=32,
+    intermediate_size=[128, 192, 160, 256, 224, 128, 160, 192, 256, 128, 224, 160, 192, 128, 256],
+    num_hidden_layers=15,
+    layer_types=[_S, _S, _S, _S, _F] * 3,
+    num_kv_shared_layers=10,
+    activation_sparsity_pattern=[0.95] * 3 + [0.0] * 12,
 )
 
 # Tiny MobileNetV5 encoder: the real timm architecture (same block list) with
@@ -426,16 +440,23 @@ def build_tokenizer(path: str | os.PathLike):
 # ---------------------------------------------------------------------------
 
 
-def make_config(text: dict[str, Any] = TINY_TEXT_A, multimodal: bool = True):
-    """Return a ``Gemma3nConfig`` (multimodal) or ``Gemma3nTextConfig``."""
+def make_config(
+    text: dict[str, Any] = TINY_TEXT_A,
+    multimodal: bool = True,
+    audio_overrides: dict[str, Any] | None = None,
+    vision_overrides: dict[str, Any] | None = None,
+):
+    """Return a ``Gemma3nConfig`` (multimodal) or ``Gemma3nTextConfig``; ``audio_overrides`` /
+    ``vision_overrides`` replace entries of TINY_AUDIO (e.g. ``input_feat_size``) / TINY_VISION
+    (e.g. ``model_args={}``: the real-width MobileNet v5)."""
     from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
 
     text_cfg = Gemma3nTextConfig(**copy.deepcopy(text))
     if not multimodal:
         text_cfg.architectures = ["Gemma3nForCausalLM"]
         return text_cfg
-    vision = dict(TINY_VISION, vocab_offset=text["vocab_size_per_layer_input"])
-    audio = dict(TINY_AUDIO, vocab_offset=vision["vocab_offset"] + vision["vocab_size"])
+    vision = dict(TINY_VISION, **(vision_overrides or {}), vocab_offset=text["vocab_size_per_layer_input"])
+    audio = dict(TINY_AUDIO, **(audio_overrides or {}), vocab_offset=vision["vocab_offset"] + vision["vocab_size"])
     assert audio["vocab_offset"] + audio["vocab_size"] == text["vocab_size"]
     cfg = Gemma3nConfig(
         text_config=text_cfg,
@@ -577,6 +598,9 @@ def build_checkpoint(
     keep_shared_kv: bool = False,
     with_tokenizer: bool = True,
     config_style: str = "transformers",
+    audio_overrides: dict[str, Any] | None = None,
+    vision_overrides: dict[str, Any] | None = None,
+    processor_image_size: int | None = None,
 ):
     """Build a tiny, fully randomised Gemma 3n checkpoint folder at ``path``.
 
@@ -595,13 +619,20 @@ def build_checkpoint(
     ``rope_local_base_freq`` + ``rope_scaling: null`` instead of transformers
     5's ``rope_parameters``); transformers loads both identically.
 
+    ``audio_overrides`` / ``vision_overrides`` replace entries of the tiny audio / vision tower's
+    config (multimodal only).
+
+    ``processor_image_size=N`` also saves Transformers' ``Gemma3nProcessor`` (Gemma 3n's published
+    audio and image preprocessing settings, images resized to N x N instead of 768 x 768; the tiny
+    tokenizer, the chat template), as Google's folders carry one: mlx-vlm's converter needs it.
+
     Returns the torch model (eval mode, ``torch_dtype``).
     """
     from transformers import Gemma3nForCausalLM, Gemma3nForConditionalGeneration, GenerationConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = make_config(text, multimodal=multimodal)
+    cfg = make_config(text, multimodal=multimodal, audio_overrides=audio_overrides, vision_overrides=vision_overrides)
     cls = Gemma3nForConditionalGeneration if multimodal else Gemma3nForCausalLM
     torch.manual_seed(int(seed))
     model = cls(cfg)
@@ -616,8 +647,22 @@ def build_checkpoint(
     elif config_style != "transformers":
         raise ValueError(f"config_style must be 'transformers' or 'google', not {config_style!r}")
     if with_tokenizer:
-        build_tokenizer(path)
+        tokenizer = build_tokenizer(path)
+        if processor_image_size is not None:
+            save_processor(path, tokenizer, processor_image_size)
     return model
+
+
+def save_processor(path: Path, tokenizer, image_size: int = 768) -> None:
+    """Transformers' Gemma3nProcessor for ``tokenizer``, saved into ``path`` (processor_config.json;
+    the tokenizer files are rewritten in Transformers 5's format)."""
+    from transformers import Gemma3nProcessor
+    from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor
+
+    images = reference_image_processor()
+    images.size = {"height": image_size, "width": image_size}
+    template = (path / "chat_template.jinja").read_text()
+    Gemma3nProcessor(Gemma3nAudioFeatureExtractor(), images, tokenizer, chat_template=template).save_pretrained(str(path))
 
 
 def load_reference_model(path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32):

@@ -20,13 +20,14 @@ from mlx.utils import tree_flatten, tree_map
 from reference import AUDIO_TOKEN_ID, BOA_ID, BOS_ID, EOA_ID, reference_intermediates
 
 from mlx_gemma3n.audio import AudioEncoder, soft_token_count
-from mlx_gemma3n.audio_features import MAX_SAMPLES, SAMPLE_RATE, extract_features, load_audio, num_frames
+from mlx_gemma3n.audio_features import GEMMA3N_AUDIO, MAX_SAMPLES, extract_features, load_audio, num_frames
 from mlx_gemma3n.config import EmbedderConfig
 from mlx_gemma3n.errors import Gemma3nError
 from mlx_gemma3n.multimodal import MultimodalEmbedder
 
 TOLERANCE = 1e-4
 REAL = Path(__file__).resolve().parent / "data" / "gemma-3n-E2B-it"
+SAMPLE_RATE = GEMMA3N_AUDIO.sampling_rate
 ONE_SECOND, ODD = SAMPLE_RATE, 23_457
 
 

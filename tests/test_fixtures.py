@@ -270,7 +270,7 @@ def test_subprocess_sitecustomize(tiny_ckpt_a):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
 

@@ -137,7 +137,7 @@ def load_e2b_text_config():
     return load_config(Path(__file__).parent / "data" / "gemma-3n-E2B-it").text
 
 
-def cli(*args, stdin: str | None = None, timeout: int = 120):
+def cli(*args, stdin: str | None = None, timeout: int = 600):
     return subprocess.run(
         [sys.executable, "-m", "mlx_gemma3n.generate", *args],
         input=stdin, capture_output=True, text=True, timeout=timeout,
@@ -218,7 +218,7 @@ def test_cli_bad_input_is_one_clear_line(tiny_ckpt_a, tmp_path, args, message):
     args = [a.format(model=tiny_ckpt_a.path, empty=tmp_path) for a in args]
     result = subprocess.run(
         [sys.executable, "-m", "mlx_gemma3n.generate", *args],
-        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

@@ -114,6 +114,28 @@ def test_greedy_generation_from_media_prompt_equals_transformers(loaded, hf_proc
     assert tokens == expected
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_reply_text_decodes_like_transformers(loaded, hf_processor, media, skip_special_tokens):
+    """The text of an image prompt's greedy reply is Transformers' `decode` of the same ids: control
+    tokens left out by default (what Gemma's examples print), kept on request."""
+    model, processor = loaded
+    prompt = prepare_prompt(processor, messages_with(media, image=True, audio=False))
+    eos, processor.eos_token_ids = processor.eos_token_ids, set()
+    config_eos, model.config.eos_token_ids = model.config.eos_token_ids, []
+    try:
+        params = SamplingParams(temperature=0.0)
+        responses = list(Session(model, processor).stream(prompt, params, 48, skip_special_tokens=skip_special_tokens))
+    finally:
+        processor.eos_token_ids, model.config.eos_token_ids = eos, config_eos
+    tokens = [r.token for r in responses]
+    special = set(hf_processor.tokenizer.all_special_ids) | {
+        i for i, t in hf_processor.tokenizer.added_tokens_decoder.items() if t.special
+    }
+    assert special & set(tokens), "the reply holds no special token: the test would not tell"
+    expected = hf_processor.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+    assert "".join(r.text for r in responses) == expected
+
+
 def test_placeholder_text_without_media_is_refused(loaded):
     _, processor = loaded
     with pytest.raises(Gemma3nError, match="image placeholder"):
@@ -131,7 +153,7 @@ def test_cli_image_and_audio(tiny_ckpt_a, loaded, media):
     result = subprocess.run(
         [sys.executable, "-m", "mlx_gemma3n.generate", "--model", str(tiny_ckpt_a.path), "--image", str(image_path),
          "--audio", str(audio_path), "--prompt", "what is this?", "-m", "6", "--temp", "0"],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
     prompt = prepare_prompt(processor, messages_with(media))
@@ -149,7 +171,7 @@ def test_cli_bad_media_is_one_clear_line(tiny_ckpt_a, tmp_path, flag, name, cont
         (tmp_path / name).write_bytes(content)
     result = subprocess.run(
         [sys.executable, "-m", "mlx_gemma3n.generate", "--model", str(tiny_ckpt_a.path), flag, str(tmp_path / name), "-p", "hi"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert name in result.stderr.strip().splitlines()[-1]

@@ -22,7 +22,7 @@ from PIL import Image
 
 from mlx_gemma3n.config import EmbedderConfig
 from mlx_gemma3n.errors import Gemma3nError
-from mlx_gemma3n.image import IMAGE_SIZE, load_image, preprocess_image
+from mlx_gemma3n.image import GEMMA3N_IMAGE, load_image, preprocess_image
 from mlx_gemma3n.multimodal import MultimodalEmbedder
 from mlx_gemma3n.vision import VisionTower
 
@@ -167,7 +167,7 @@ def test_real_tower_runs_768():
 
     mx.random.seed(0)
     tower.update(tree_map_with_path(random, tower.parameters()))
-    tokens = tower(mx.random.uniform(shape=(1, IMAGE_SIZE, IMAGE_SIZE, 3)))
+    tokens = tower(mx.random.uniform(shape=(1, GEMMA3N_IMAGE.height, GEMMA3N_IMAGE.width, 3)))
     assert tokens.shape == (1, 256, 2048) and bool(mx.isfinite(tokens).all())
 
 
@@ -185,7 +185,7 @@ def reference_pixels(processor, image) -> np.ndarray:
 
 def assert_pixel_parity(processor, ours_from, reference_from):
     ours = preprocess_image(ours_from)
-    assert ours.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and ours.dtype == np.float32
+    assert ours.shape == (GEMMA3N_IMAGE.height, GEMMA3N_IMAGE.width, 3) and ours.dtype == np.float32
     assert np.abs(ours - reference_pixels(processor, reference_from)).max() <= 1e-6
 
 

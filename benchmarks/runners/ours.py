@@ -4,32 +4,21 @@ runs) with end-of-sequence ids cleared, greedy.
 Media (`--media`): the image encode is `model.image_soft_tokens` on the preprocessed pixels, the audio
 encode `model.audio_soft_tokens` on the clip's features; time to first token runs `prepare_prompt`
 (media loading and preprocessing) and a fresh `Session`. Images are resized to the checkpoint
-preprocessor's size (the benchmark's reduced 256 x 256; our processor otherwise always uses 768).
+preprocessor's size (the benchmark's reduced 256 x 256), which our processor reads itself.
+$BENCH_ACTIVATIONS (--equal-activations) loads with that dtype: no CPU float32-activation choice.
 """
 
 import functools
-import json
-from pathlib import Path
 
 import numpy as np
 import soundfile
 
-from mlx_gemma3n import load as load_model
-from mlx_gemma3n import processor as processor_module
+from mlx_gemma3n import load
 from mlx_gemma3n.generate import Session, prepare_prompt, sampling_params
-from mlx_gemma3n.image import preprocess_image
 
-from .measure import run
+from .measure import ACTIVATIONS, run
 
 MEDIA_TEXT = "describe"
-
-
-def load(path):
-    config = Path(path) / "preprocessor_config.json"
-    if config.is_file():  # the image size mlx-vlm / Transformers resize to, for the same pixels
-        size = json.loads(config.read_text())["size"]["height"]
-        processor_module.preprocess_image = functools.partial(preprocess_image, size=size)
-    return load_model(path)
 
 
 def stream(handle, ids, max_tokens):
@@ -66,4 +55,4 @@ def media_stream(handle, kind, source, max_tokens):
 
 
 if __name__ == "__main__":
-    run(load, stream, media=(encoder, media_stream))
+    run(lambda path: load(path, dtype=ACTIVATIONS), stream, media=(encoder, media_stream))

@@ -14,7 +14,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from ..errors import Gemma3nError
-from ..processor import Prompt, load_media
+from ..processor import Prompt
 from ..sampling import SamplingParams, sample
 
 
@@ -31,24 +31,33 @@ class GenerationResponse:
 
 
 class StreamingDetokenizer:
-    """Emits text as tokens arrive, holding back bytes of an incomplete UTF-8 character.
+    """Emits text as tokens arrive; the concatenation equals Transformers' `decode` of all the ids.
 
-    It decodes the current segment of tokens and starts a new segment once the text is clean, so the
-    work per token stays bounded. Gemma's decoder has no context-dependent stripping, so segments
-    decoded apart concatenate to the whole.
+    A run of byte-fallback tokens decodes as a whole (valid UTF-8, or one U+FFFD per byte), so text
+    is held back while the run may go on: after a byte token, and after a special token that is left
+    out (the bytes on both sides of it join). The current segment of tokens is decoded, and a new
+    segment starts once its text is out, so the work per token stays bounded; Gemma's decoder has no
+    context-dependent stripping, so segments decoded apart concatenate to the whole. Special tokens
+    (`<image_soft_token>`, ...) are left out unless `skip_special_tokens` is False.
     """
 
-    def __init__(self, processor, max_segment: int = 16):
+    def __init__(self, processor, max_segment: int = 16, skip_special_tokens: bool = True):
         self.processor = processor
         self.max_segment = max_segment
+        self.skip_special_tokens = skip_special_tokens
         self.segment: list[int] = []
         self.emitted = 0
 
+    def run_may_continue(self, token: int) -> bool:
+        if token in self.processor.byte_token_ids:
+            return True
+        return self.skip_special_tokens and token in self.processor.special_token_ids
+
     def add(self, token: int) -> str:
         self.segment.append(token)
-        text = self.processor.decode(self.segment)
-        if text.endswith("\ufffd"):
+        if self.run_may_continue(token):
             return ""
+        text = self.processor.decode(self.segment, self.skip_special_tokens)
         new = text[self.emitted :]
         self.emitted = len(text)
         if len(self.segment) >= self.max_segment:
@@ -56,7 +65,7 @@ class StreamingDetokenizer:
         return new
 
     def flush(self) -> str:
-        text = self.processor.decode(self.segment)[self.emitted :]
+        text = self.processor.decode(self.segment, self.skip_special_tokens)[self.emitted :]
         self.segment, self.emitted = [], 0
         return text
 
@@ -123,9 +132,15 @@ class Session:
         return logits[:, -1]
 
     def stream(
-        self, prompt: Prompt | list[int], params: SamplingParams, max_tokens: int, prefill_step_size: int = 512
+        self,
+        prompt: Prompt | list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        prefill_step_size: int = 512,
+        skip_special_tokens: bool = True,
     ) -> Iterator[GenerationResponse]:
-        """Continue the cache with the prompt's tokens (and media), then generate."""
+        """Continue the cache with the prompt's tokens (and media), then generate. The responses' text
+        leaves special tokens out unless `skip_special_tokens` is False; their `token` is every id."""
         prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         tokens = prompt.ids
         if max_tokens <= 0:
@@ -137,7 +152,7 @@ class Session:
             raise Gemma3nError(f"the prompt has {total} tokens, over the model's context of {self.context_limit}")
         max_tokens = min(max_tokens, self.context_limit - total)
         mx.reset_peak_memory()
-        detokenizer = StreamingDetokenizer(self.processor)
+        detokenizer = StreamingDetokenizer(self.processor, skip_special_tokens=skip_special_tokens)
         recent = self.history[-params.repetition_context :] + tokens
 
         def next_token(logits):
@@ -216,18 +231,29 @@ class ChatSession:
         self.session = Session(self.model, self.processor)
         return self.processor.encode(self.text, add_bos=False)
 
-    def ask(self, content, params: SamplingParams, max_tokens: int = 256, prefill_step_size: int = 512):
+    def ask(
+        self,
+        content,
+        params: SamplingParams,
+        max_tokens: int = 256,
+        prefill_step_size: int = 512,
+        skip_special_tokens: bool = True,
+    ):
         """Stream the reply to one user turn: a string, or HF content parts (text, image, audio)."""
         tokens = self.turn_tokens(content)
         held = len(self.session.history)
         # only this turn's media are new unless the cache was rebuilt from the whole conversation
-        images, audio = load_media(self.messages if held == 0 else self.messages[-1:])
+        images, audio = self.processor.load_media(self.messages if held == 0 else self.messages[-1:])
         self.last_prompt_tokens = tokens
-        reply = []
-        for response in self.session.stream(Prompt(tokens, images, audio), params, max_tokens, prefill_step_size):
+        reply, generated = [], []
+        prompt = Prompt(tokens, images, audio)
+        for response in self.session.stream(prompt, params, max_tokens, prefill_step_size, skip_special_tokens):
             reply.append(response.text)
+            if response.finish_reason != "stop":
+                generated.append(response.token)
             yield response
-        self.text += "".join(reply)
+        # the cache holds every generated token, special ones included; the history keeps what was shown
+        self.text += self.processor.decode(generated)
         self.messages.append({"role": "assistant", "content": "".join(reply)})
 
 
@@ -245,19 +271,23 @@ def stream_generate(
     repetition_penalty: float | None = None,
     seed: int | None = None,
     prefill_step_size: int = 512,
+    skip_special_tokens: bool = True,
 ) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt`: a string, HF-format chat messages (content parts may carry
     images `{"type": "image", "image": path/URL/PIL/array}` and audio `{"type": "audio", "audio":
     path/array}`), or token ids.
 
-    Sampling defaults come from the model's generation_config.json; temperature 0 is greedy.
+    Sampling defaults come from the model's generation_config.json; temperature 0 is greedy. The text
+    leaves out special tokens (as Transformers' `decode(..., skip_special_tokens=True)`) unless
+    `skip_special_tokens` is False; each response's `token` is the generated id, whatever it is.
     """
     params = sampling_params(
         processor, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
     )
     if seed is not None:
         mx.random.seed(seed)
-    yield from Session(model, processor).stream(prepare_prompt(processor, prompt, system), params, max_tokens, prefill_step_size)
+    prepared = prepare_prompt(processor, prompt, system)
+    yield from Session(model, processor).stream(prepared, params, max_tokens, prefill_step_size, skip_special_tokens)
 
 
 def generate(model, processor, prompt, max_tokens: int = 256, **kwargs) -> str:

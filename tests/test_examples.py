@@ -1,0 +1,93 @@
+"""Each script in examples/ runs on the tiny checkpoint and prints what the API gives for it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+from mlx_gemma3n import generate, load
+from mlx_gemma3n.generate import ChatSession
+from mlx_gemma3n.sampling import SamplingParams
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_ckpt_a):
+    return load(tiny_ckpt_a.path)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("example_media")
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (200, 260, 3), dtype=np.uint8)).save(folder / "picture.jpg")
+    t = np.arange(16000) / 16000
+    soundfile.write(folder / "speech.flac", (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 16000)
+    return folder / "picture.jpg", folder / "speech.flac"
+
+
+def run_example(name: str, *args: str, stdin: str | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], input=stdin, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def user_turn(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+def test_chat_loop(tiny_ckpt_a, loaded):
+    model, processor = loaded
+    chat = ChatSession(model, processor)
+    params = SamplingParams(temperature=0.0)
+    expected = "".join(
+        "".join(r.text for r in chat.ask(turn, params, max_tokens=8)) + "\n" for turn in ("hello there", "and you?")
+    )
+    args = ("--model", str(tiny_ckpt_a.path), "--max-tokens", "8", "--temp", "0")
+    assert run_example("chat.py", *args, stdin="hello there\nand you?\n\n") == expected
+
+
+def test_image_question(tiny_ckpt_a, loaded, media):
+    image, _ = media
+    expected = generate(*loaded, user_turn({"type": "image", "image": str(image)}, {"type": "text", "text": "what?"}),
+                        max_tokens=8, temperature=0.0)
+    out = run_example("image_qa.py", "--model", str(tiny_ckpt_a.path), "--image", str(image), "--question", "what?",
+                      "--max-tokens", "8")
+    assert out == expected + "\n"
+
+
+def test_transcription(tiny_ckpt_a, loaded, media):
+    _, audio = media
+    instruction = "Transcribe this audio clip into text."
+    expected = generate(*loaded, user_turn({"type": "audio", "audio": str(audio)}, {"type": "text", "text": instruction}),
+                        max_tokens=8, temperature=0.0)
+    out = run_example("transcribe.py", "--model", str(tiny_ckpt_a.path), "--audio", str(audio), "--max-tokens", "8")
+    assert out == expected + "\n"
+
+
+def test_image_and_audio(tiny_ckpt_a, loaded, media):
+    image, audio = media
+    instruction = "Answer the question in the audio about the image."
+    expected = generate(*loaded, user_turn(
+        {"type": "image", "image": str(image)}, {"type": "audio", "audio": str(audio)}, {"type": "text", "text": instruction},
+    ), max_tokens=8, temperature=0.0)
+    out = run_example("image_and_audio.py", "--model", str(tiny_ckpt_a.path), "--image", str(image), "--audio", str(audio),
+                      "--max-tokens", "8")
+    assert out == expected + "\n"
+
+
+def test_bad_model_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "image_qa.py"), "--model", str(tmp_path / "nothing"), "--image", "x.png"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: model path {tmp_path / 'nothing'} does not exist"]
