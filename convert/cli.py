@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     parser.add_argument("--q-bits", type=int, default=4, help="4 or 8")
     parser.add_argument("--q-group-size", type=int, default=64, help="32, 64 or 128")
     parser.add_argument("--quant-recipe", help=f"one of {', '.join(RECIPES)} (default: uniform<q-bits>)")
+    parser.add_argument("--adapter-path", help="fuse this PEFT LoRA adapter (folder or hub id) into the weights")
+    parser.add_argument("--matformer", metavar="SPEC", help="write this MatFormer slice of an E4B checkpoint: a name "
+                        "from `python -m mlx_gemma3n.matformer --list` or a JSON file")
     parser.add_argument("--upload-repo", help="upload the result to this hub repo (ORG/NAME)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
     args = parser.parse_args(argv)
@@ -41,6 +44,7 @@ def convert_and_upload(args) -> None:
     folder = convert(
         args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize or bool(args.quant_recipe),
         q_bits=args.q_bits, q_group_size=args.q_group_size, quant_recipe=args.quant_recipe, force=args.force,
+        adapter_path=args.adapter_path, matformer=args.matformer,
     )
     print(f"[convert] wrote {folder}", file=sys.stderr)
     if args.upload_repo:

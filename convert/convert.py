@@ -11,17 +11,24 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
+from mlx_gemma3n.adapters import read_adapter
+from mlx_gemma3n.adapters.reader import HEAD
+from mlx_gemma3n.adapters.switch import EMBEDDING
 from mlx_gemma3n.config import ModelConfig, read_config
 from mlx_gemma3n.errors import Gemma3nError
+from mlx_gemma3n.hf_export import hf_name, torch_layout_fixes
 from mlx_gemma3n.loader import COMPUTE_DTYPES, check_names, our_name, resolve_model_path, safetensors_names, weight_files
+from mlx_gemma3n.matformer import CutLocation, Slicing, resolve_spec
 from mlx_gemma3n.mapped import SAFETENSORS_DTYPES, TensorLocation, locate, read_header
 from mlx_gemma3n.model import TOWERS, Model
-from mlx_gemma3n.quantization import RECIPES, config_block, quantization_plan
+from mlx_gemma3n.quantization import RECIPES, config_block, quantization_plan, quantize_like_checkpoint
 
 from .shards import ShardWriter
 
@@ -60,6 +67,41 @@ def model_card(src: str, dst: Path, dtype: str, block: dict | None) -> str:
     )
 
 
+@dataclass
+class WeightPlan:
+    """What becomes of each source tensor (by module path, our names)."""
+
+    dtype: mx.Dtype  # of the float tensors written
+    quantize: dict = field(default_factory=dict)  # -> {"bits", "group_size"}: quantized in the output
+    packed: dict = field(default_factory=dict)  # -> {"bits", "group_size"}: quantized in the source
+    loras: dict = field(default_factory=dict)  # -> adapters.Lora fused into the weight
+    tuned: dict = field(default_factory=dict)  # parameter name -> its replacement (modules_to_save)
+    hf_format: bool = False  # Transformers' names and layouts
+    multimodal: bool = True
+    matformer: Slicing | None = None  # the MatFormer slice written (source tensors cut as they are read)
+
+    def add_adapter(self, adapter) -> None:
+        if f"{EMBEDDING}.weight" in adapter.tuned or HEAD in adapter.tuned:
+            raise Gemma3nError(
+                "the adapter tunes embed_tokens / lm_head (modules_to_save): fused, the LM head would no longer be "
+                "the token embedding; run it unfused (load(..., adapter_path=...) or --adapter-path)"
+            )
+        self.loras, self.tuned = adapter.loras, adapter.tuned
+
+    def output_name(self, name: str) -> str:
+        return hf_name(name, self.multimodal) if self.hf_format else name
+
+
+def packed_modules(model: Model) -> dict:
+    return {path: {"bits": m.bits, "group_size": m.group_size} for path, m in model.named_modules()
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+
+
+def float_config(raw_config: dict, dtype: str) -> dict:
+    """The source's config.json for float weights in `dtype` (no quantization block)."""
+    return dict({k: v for k, v in raw_config.items() if k != "quantization"}, dtype=dtype, torch_dtype=dtype)
+
+
 def convert(
     hf_path: str,
     mlx_path: str,
@@ -70,8 +112,18 @@ def convert(
     quant_recipe: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    adapter_path: str | None = None,
+    dequantize: bool = False,
+    hf_format: bool = False,
+    matformer=None,
 ) -> Path:
-    """Convert a Gemma 3n checkpoint (folder or hub id) into an MLX folder; returns its path."""
+    """Convert a Gemma 3n checkpoint (folder or hub id) into an MLX folder; returns its path.
+
+    adapter_path: a PEFT LoRA adapter (folder or hub id) fused into the weights. A quantized source
+    (an MLX folder) stays quantized, its fused layers re-quantized with their settings, unless
+    `dequantize`. hf_format: write a Transformers checkpoint instead (float weights, Google's names).
+    matformer: write this MatFormer slice of an E4B source (a table name or a JSON spec, see matformer.py).
+    """
     if dtype not in COMPUTE_DTYPES:
         raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(COMPUTE_DTYPES)})")
     if quantize and q_bits not in (4, 8):
@@ -81,6 +133,8 @@ def convert(
     recipe = quant_recipe or f"uniform{q_bits}"
     if quantize and recipe not in RECIPES:
         raise Gemma3nError(f"unknown quantization recipe '{recipe}' (choose from {', '.join(RECIPES)})")
+    if quantize and hf_format:
+        raise Gemma3nError("a Transformers checkpoint (--hf-format) has float weights: drop -q")
     dst = Path(mlx_path).expanduser().absolute()
     prepare_destination(dst, force)
     src = resolve_model_path(hf_path)
@@ -88,31 +142,47 @@ def convert(
     config = ModelConfig.from_dict(raw_config)
     files = weight_files(src)
     found = source_names(files, config)
+    slicing = None
+    if matformer is not None:
+        shapes = {name: location.shape for name, location in source_locations(files, config).items()}
+        slicing = Slicing.check(resolve_spec(matformer), config.text, shapes)
+        raw_config, found = slicing.sliced_config(raw_config), {slicing.renamed(n) for n in found} - {None}
     towers = tuple(t for t in TOWERS if any(name.startswith(f"{t}.") for name in found))
-    skeleton = Model(config, towers=towers if config.is_multimodal else ())  # lazy: no weights allocated
+    skeleton = Model(ModelConfig.from_dict(raw_config), towers=towers if config.is_multimodal else ())  # lazy
+    source_block = raw_config.get("quantization")
+    if source_block:
+        if quantize:
+            raise Gemma3nError(f"{src} is already quantized; quantize its float checkpoint instead")
+        quantize_like_checkpoint(skeleton, source_block, found)
     check_names(skeleton, found)
+    plan = WeightPlan(COMPUTE_DTYPES[dtype], packed=packed_modules(skeleton), hf_format=hf_format,
+                      multimodal=config.is_multimodal, matformer=slicing)
+    if adapter_path is not None:
+        plan.add_adapter(read_adapter(adapter_path, skeleton))
 
     block = None
-    plan = {}
     if quantize:
-        plan, left_float = quantization_plan(skeleton, recipe, q_group_size)
+        plan.quantize, left_float = quantization_plan(skeleton, recipe, q_group_size)
         for path in left_float:
             print(f"[convert] {path} stays float: its width does not divide by {q_group_size}", file=sys.stderr)
-        block = config_block(plan, left_float, recipe, q_bits, q_group_size)
+        block = config_block(plan.quantize, left_float, recipe, q_bits, q_group_size)
+    elif source_block and not (dequantize or hf_format):
+        plan.quantize, block = dict(plan.packed), source_block
 
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_weights(files, config, plan, COMPUTE_DTYPES[dtype], ShardWriter(tmp, max_shard_bytes))
-        out_config = dict(raw_config, dtype=dtype, torch_dtype=dtype)
+        write_weights(files, config, plan, ShardWriter(tmp, max_shard_bytes))
+        out_config = float_config(raw_config, dtype)
         if block:
             out_config["quantization"] = block
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2))
         for name in COPIED_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        (tmp / "README.md").write_text(model_card(str(hf_path), dst, dtype, block))
+        if not hf_format:
+            (tmp / "README.md").write_text(model_card(str(hf_path), dst, dtype, block))
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
@@ -124,6 +194,8 @@ def convert(
 
 def read_rows(location: TensorLocation, start: int, stop: int) -> mx.array:
     """Rows [start, stop) of a tensor, read from its file into a fresh buffer (nothing stays mapped)."""
+    if isinstance(location, CutLocation):
+        return location.read(start, stop)
     np_dtype, mx_dtype = SAFETENSORS_DTYPES[location.dtype]
     row = int(np.prod(location.shape[1:], dtype=np.int64))
     offset = location.offset + start * row * np.dtype(np_dtype).itemsize
@@ -131,35 +203,57 @@ def read_rows(location: TensorLocation, start: int, stop: int) -> mx.array:
     return mx.array(values).view(mx_dtype).reshape(stop - start, *location.shape[1:])
 
 
-def converted(location: TensorLocation, params: dict | None, dtype) -> dict[str, mx.array]:
-    """One tensor cast (or quantized when `params`), in row chunks of ~CHUNK_BYTES, each evaluated
-    before the next is read: peak memory is one chunk plus the output, whatever the tensor's size."""
+@dataclass
+class Packed:
+    """A quantized source weight's scales and biases, and its settings."""
+
+    scales: TensorLocation
+    biases: TensorLocation | None
+    bits: int
+    group_size: int
+
+    def dequantized(self, packed: mx.array, start: int, stop: int) -> mx.array:
+        biases = None if self.biases is None else read_rows(self.biases, start, stop)
+        return mx.dequantize(packed, read_rows(self.scales, start, stop), biases, group_size=self.group_size, bits=self.bits)
+
+
+def converted(location: TensorLocation, params: dict | None, dtype, packed: Packed | None = None, lora=None) -> dict[str, mx.array]:
+    """One tensor cast to `dtype` (None: kept) or quantized when `params`, in row chunks of
+    ~CHUNK_BYTES, each evaluated before the next is read: peak memory is one chunk plus the output,
+    whatever the tensor's size. A `packed` source is dequantized first; a `lora` is fused in."""
     if not location.shape:  # a scalar is one row of one value
         location = TensorLocation(location.file, location.dtype, (1,), location.offset)
         return {kind: t.reshape(()) for kind, t in converted(location, params, dtype).items()}
     rows = location.shape[0]
-    row_bytes = max(1, int(np.prod(location.shape[1:], dtype=np.int64)) * 4)
-    step = max(1, CHUNK_BYTES // row_bytes)
+    columns = int(np.prod(location.shape[1:], dtype=np.int64)) * (32 // packed.bits if packed else 1)
+    step = max(1, CHUNK_BYTES // max(1, columns * 4))
     pieces = []
     for start in range(0, rows, step):
-        chunk = read_rows(location, start, min(rows, start + step))
+        stop = min(rows, start + step)
+        chunk = read_rows(location, start, stop)
+        if packed:
+            chunk = packed.dequantized(chunk, start, stop)
+        if lora is not None:
+            chunk = chunk.astype(mx.float32) + lora.delta(slice(start, stop))
         if params:
             # In float32: rounding to `dtype` first would round twice. At 8 bits a bf16 bias is off by
             # up to half a quantization step (2^-8 of the range), so 8-bit layers keep float32 scales
             # and biases (0.5 more bit per weight); at 4 bits the step is 16x wider.
             bits = params["bits"]
-            packed, scales, biases = mx.quantize(chunk.astype(mx.float32), group_size=params["group_size"], bits=bits)
+            quantized, scales, biases = mx.quantize(chunk.astype(mx.float32), group_size=params["group_size"], bits=bits)
             scale_dtype = mx.float32 if bits == 8 else dtype
-            piece = {"weight": packed, "scales": scales.astype(scale_dtype), "biases": biases.astype(scale_dtype)}
+            piece = {"weight": quantized, "scales": scales.astype(scale_dtype), "biases": biases.astype(scale_dtype)}
         else:
-            piece = {"weight": chunk.astype(dtype) if mx.issubdtype(chunk.dtype, mx.floating) else chunk}
+            floating = dtype is not None and mx.issubdtype(chunk.dtype, mx.floating)
+            piece = {"weight": chunk.astype(dtype) if floating else chunk}
         mx.eval(piece)
         pieces.append(piece)
     return {kind: mx.concatenate([p[kind] for p in pieces]) if len(pieces) > 1 else pieces[0][kind] for kind in pieces[0]}
 
 
-def write_weights(files: list[Path], config: ModelConfig, plan: dict, dtype, writer: ShardWriter) -> None:
-    """Tensor by tensor, read straight from the files: rename, cast, quantize, hand to the writer."""
+def source_locations(files: list[Path], config: ModelConfig) -> dict[str, TensorLocation]:
+    """Where each tensor we use lies, by our name, in file order."""
+    locations = {}
     for file in files:
         data_start, header = read_header(file)
         for hf_name in header:
@@ -169,10 +263,41 @@ def write_weights(files: list[Path], config: ModelConfig, plan: dict, dtype, wri
             location = locate(file, hf_name, data_start, header)
             if location is None:
                 raise Gemma3nError(f"{file}: tensor {hf_name} has dtype {header[hf_name]['dtype']}, not a float or packed type")
-            module_path, _, kind = name.rpartition(".")
-            params = plan.get(module_path) if kind == "weight" else None
-            outputs = converted(location, params, dtype)
-            writer.add(name, outputs.pop("weight"))
-            for extra, tensor in outputs.items():
-                writer.add(f"{module_path}.{extra}", tensor)
+            locations[name] = location
+    return locations
+
+
+def layout_fixes(locations: dict[str, TensorLocation]) -> dict[str, tuple[int, ...]]:
+    """The towers' tensors stored in MLX layout, with the transposes back to PyTorch's."""
+    fixes = {}
+    for tower in TOWERS:
+        shapes = {n[len(tower) + 1 :]: loc.shape for n, loc in locations.items() if n.startswith(f"{tower}.")}
+        if shapes:
+            fixes.update({f"{tower}.{n}": axes for n, axes in torch_layout_fixes(tower, shapes).items()})
+    return fixes
+
+
+def write_weights(files: list[Path], config: ModelConfig, plan: WeightPlan, writer: ShardWriter) -> None:
+    """Tensor by tensor, read straight from the files: rename, dequantize, fuse, cast, quantize,
+    hand to the writer."""
+    locations = source_locations(files, config)
+    if plan.matformer:
+        locations = plan.matformer.apply(locations, lambda name, location, cut: CutLocation(location, cut))
+    fixes = layout_fixes(locations) if plan.hf_format else {}
+    for name, location in locations.items():
+        module_path, _, kind = name.rpartition(".")
+        source, lora, params = plan.packed.get(module_path), plan.loras.get(module_path), plan.quantize.get(module_path)
+        if source and params == source and lora is None:  # stays packed as it is
+            outputs = converted(location, None, None)
+        elif source and kind != "weight":
+            continue  # scales and biases: dequantized with their weight
+        elif name in plan.tuned:
+            outputs = {"weight": plan.tuned[name].astype(plan.dtype)}
+        else:
+            packed = Packed(locations[f"{module_path}.scales"], locations.get(f"{module_path}.biases"), **source) if source else None
+            outputs = converted(location, params if kind == "weight" else None, plan.dtype, packed, lora if kind == "weight" else None)
+        main = outputs.pop("weight")
+        writer.add(plan.output_name(name), main.transpose(fixes[name]) if name in fixes else main)
+        for extra, tensor in outputs.items():
+            writer.add(plan.output_name(f"{module_path}.{extra}"), tensor)
     writer.close()
