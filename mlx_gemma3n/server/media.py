@@ -1,0 +1,102 @@
+"""The images and audio clips of a request: `data:` URLs, base64 `input_audio`, and (only when the
+server allows it) remote http(s) images. A request never names a local file."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from PIL import Image
+
+from ..audio_features import decode_audio
+from ..errors import Gemma3nError
+from ..image import load_image, open_image
+from .errors import bad_request
+
+DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
+IMAGE_MIME_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+
+
+@dataclass
+class MediaLimits:
+    max_images: int = 8
+    max_audio_seconds: float = 60.0
+    allow_remote: bool = False
+    remote_timeout: float = 10.0
+    remote_max_bytes: int = 16 << 20
+
+
+def decode_base64(data: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{param} is not valid base64", param) from None
+
+
+def image_from_url(url: str, param: str, limits: MediaLimits) -> Image.Image:
+    """A decoded RGB image from an `image_url.url`: a base64 data URL, or http(s) when allowed."""
+    match = DATA_URL.fullmatch(url) if url.startswith("data:") else None
+    if match:
+        mime = match["mime"].lower()
+        if mime not in IMAGE_MIME_TYPES:
+            raise bad_request(f"{param}: images must be {', '.join(sorted(set(IMAGE_MIME_TYPES)))}, not '{mime}'", param)
+        data = decode_base64(match["data"], param)
+    elif url.startswith("data:"):
+        raise bad_request(f"{param}: a data URL must be base64 (data:image/png;base64,...)", param)
+    elif url.startswith(("http://", "https://")):
+        if not limits.allow_remote:
+            raise bad_request(f"{param}: remote image URLs are off (start the server with --allow-remote-media)", param)
+        data = fetch_remote(url, param, limits)
+    else:
+        raise bad_request(f"{param} must be a data: URL (or http(s) with --allow-remote-media); local paths are refused", param)
+    try:
+        image = open_image(io.BytesIO(data), param)
+        if image.format not in IMAGE_MIME_TYPES.values():
+            raise Gemma3nError(f"{param} is a {image.format} image; png, jpeg, webp and gif are taken")
+        return load_image(image)
+    except Gemma3nError as exc:
+        raise bad_request(str(exc), param) from None
+
+
+class SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the same scheme, host and port."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if (old.scheme, old.netloc) != (new.scheme, new.netloc):
+            raise urllib.error.URLError(f"redirect to another host ({new.netloc}) refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_remote(url: str, param: str, limits: MediaLimits) -> bytes:
+    opener = urllib.request.build_opener(SameHostRedirects)
+    try:
+        with opener.open(url, timeout=limits.remote_timeout) as response:
+            data = response.read(limits.remote_max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise bad_request(f"{param}: cannot download {url}: {getattr(exc, 'reason', exc)}", param) from None
+    if len(data) > limits.remote_max_bytes:
+        raise bad_request(f"{param}: {url} is over {limits.remote_max_bytes} bytes", param)
+    return data
+
+
+def audio_from_part(part: dict, param: str, sampling_rate: int):
+    """The mono samples of an `input_audio` part {data: base64, format: wav|mp3|flac|ogg}."""
+    if not isinstance(part, dict):
+        raise bad_request(f"{param} must be an object with 'data' and 'format'", param)
+    audio_format, data = part.get("format"), part.get("data")
+    if audio_format not in AUDIO_FORMATS:
+        raise bad_request(f"{param}.format must be one of {', '.join(AUDIO_FORMATS)}", f"{param}.format")
+    if not isinstance(data, str):
+        raise bad_request(f"{param}.data must be a base64 string", f"{param}.data")
+    try:
+        return decode_audio(io.BytesIO(decode_base64(data, f"{param}.data")), f"{param}.data ({audio_format})", sampling_rate)
+    except Gemma3nError as exc:
+        raise bad_request(str(exc), f"{param}.data") from None
