@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -29,10 +30,15 @@ from mlx_gemma3n.model import Model
 from .tokenizer import write_tokenizer
 
 ROOT = Path(__file__).resolve().parent
-CACHE = ROOT / "cache"
+CACHE = Path(os.environ.get("BENCH_CACHE") or ROOT / "cache")
 E2B = ROOT.parent / "tests" / "data" / "gemma-3n-E2B-it"
 MAX_SHARD_BYTES = 4 << 30
 BLOCK_VALUES = 1 << 22
+
+
+def layer_types(layers: int) -> list[str]:
+    """Gemma 3n's pattern: four sliding-window layers, then one full-attention layer."""
+    return ["full_attention" if i % 5 == 4 else "sliding_attention" for i in range(layers)]
 
 
 def e4b_text(text: dict) -> dict:
@@ -43,8 +49,28 @@ def e4b_text(text: dict) -> dict:
         num_hidden_layers=layers,
         intermediate_size=[16384] * layers,
         num_kv_shared_layers=15,
-        layer_types=["full_attention" if i % 5 == 4 else "sliding_attention" for i in range(layers)],
+        layer_types=layer_types(layers),
         activation_sparsity_pattern=[0.95] * 10 + [0.0] * (layers - 10),
+    )
+
+
+def tiny_text(text: dict) -> dict:
+    """A CI-sized shape (~0.1 GB): 10 layers (the last 4 KV-shared, 2 sparse), hidden 64, FFN 256, PLE
+    16 per layer; the real vocabularies, which the benchmark's tokenizer and prompt ids need."""
+    layers = 10
+    return dict(
+        text,
+        hidden_size=64,
+        intermediate_size=[256] * layers,
+        num_hidden_layers=layers,
+        num_kv_shared_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        hidden_size_per_layer_input=16,
+        laurel_rank=16,
+        layer_types=layer_types(layers),
+        activation_sparsity_pattern=[0.95] * 2 + [0.0] * (layers - 2),
     )
 
 
@@ -60,7 +86,7 @@ def small_text(text: dict) -> dict:
     )
 
 
-SHAPES = {"small": small_text, "e2b": lambda text: text, "e4b": e4b_text}
+SHAPES = {"tiny": tiny_text, "small": small_text, "e2b": lambda text: text, "e4b": e4b_text}
 # Media checkpoints: a text shape plus vision / audio tower weights (image and audio benchmarks).
 # `small-mm`: `small`'s text decoder, the real MobileNet v5 vision tower, the real audio tower with
 # AUDIO_LAYERS of its 12 conformer layers (the shapes every runtime accepts: mlx-vlm's vision tower
@@ -181,7 +207,7 @@ def ensure_media() -> dict[str, Path]:
 
 def write_processor_config(folder: Path) -> None:
     """Gemma3nProcessor's configs (Google's values, images resized to IMAGE_SIZE): what mlx-vlm's and
-    Transformers' AutoProcessor load. Our runtime reads none of it (it resizes to 768 itself)."""
+    Transformers' AutoProcessor load, and our processor too."""
     image = dict(image_processor_type="SiglipImageProcessor", size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                  resample=2, do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=False,
                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=None, image_seq_length=256)

@@ -73,14 +73,15 @@ def media_note(case: dict) -> str:
             f"{case['runs_each']} run(s) each.")
 
 
-def write(meta: dict, cases: list[dict]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=2))
+def write(meta: dict, cases: list[dict], folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "latest.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=2))
     lines = [
         "# Benchmarks: mlx-gemma3n beside its peers", "",
         f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ", f"Machine: {meta['machine']}  ",
         f"Versions: {meta['versions']}  ",
         f"Measured memory bandwidth: {meta['bandwidth_gbps']:.1f} GB/s ({meta['bandwidth_method']})",
+        f"Activations: {'every runtime in ' + meta['activations'] if meta.get('activations') else 'each runtime its own'}",
         "", "Random weights, same token ids for every runtime, greedy, end-of-sequence ignored. Each run is a fresh",
         "process; runtimes interleaved; median (min-max) over the runs. Ratios: ours / peer of the medians.", "",
         "Preparation, seconds (~0 when cached): "
@@ -96,6 +97,6 @@ def write(meta: dict, cases: list[dict]) -> Path:
                   f"prompt), {case['runs_each']} runs each. Weight bytes read per decoded token: "
                   f"{case['bytes_per_token'] / 1e6:.1f} MB; roofline {case['roofline_tps']:.1f} tok/s.", ""]
         lines += table(case) + [""]
-    path = RESULTS / "latest.md"
+    path = folder / "latest.md"
     path.write_text("\n".join(lines))
     return path

@@ -1,14 +1,22 @@
 """`python -m benchmarks`: mlx-gemma3n beside mlx-lm and Transformers, in one run, on the same random weights.
 
     python -m benchmarks [--device cpu|gpu] [--quick] [--only ours,mlx-lm] [--dtypes bf16] [--runs 3]
+                         [--equal-activations [bfloat16|float32]]
 
 CPU (default): timing on `small` (the real layer structure and vocabularies at reduced width; the
 CPU backend takes minutes per prompt at real width), memory and load time on the real E2B and E4B
 shapes (short prompt, few tokens); bf16 and int4 g64. GPU: real shapes, full token counts. `--quick`:
-`small` only, shorter prompt and decode (CPU) / E2B only (GPU). Media (ours, mlx-vlm): image and audio
+`small` only, shorter prompt and decode (CPU) / E2B only (GPU). `--shapes tiny`: a CI-sized shape
+(checkpoints.tiny_text) on either device, for checking the harness end to end. Media (ours, mlx-vlm): image and audio
 encode time and time to first token on `small-mm` (`small` text, real vision tower at a 256 x 256
 image, 2-layer audio tower; see checkpoints.py), one run each with `--quick`. Checkpoints and conversions are
-cached in benchmarks/cache/; tables go to benchmarks/results/latest.md and latest.json.
+cached in benchmarks/cache/ ($BENCH_CACHE); tables go to benchmarks/results/latest.md and latest.json
+(`--out`) and are printed.
+
+`--equal-activations DTYPE`: every runtime computes in DTYPE (default bfloat16: ours loads with
+`dtype=` and so leaves out its CPU choice of float32 activations for quantized models; float32: the
+peers' float parameters, quantization scales and biases included, are cast to float32 after load, ours
+loads with dtype float32). Without it each runtime runs as a user gets it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -47,9 +56,11 @@ MEDIA_SETTING = Setting((), 1, 16)  # per kind: encode, then time to first token
 def plan(device: str, quick: bool) -> list[tuple[str, str, str, Setting]]:
     """(shape, dtype, mode, setting) of every table."""
     dtypes = ("bf16", "int4")
+    timing = QUICK_TIMING if quick and device == "cpu" else TIMING
+    tiny = [("tiny", d, "timing", timing) for d in dtypes]
     if device == "gpu":
-        return [(s, d, "timing", TIMING) for s in (("e2b",) if quick else ("e2b", "e4b")) for d in dtypes]
-    cases = [("small", d, "timing", QUICK_TIMING if quick else TIMING) for d in dtypes]
+        return [(s, d, "timing", TIMING) for s in (("e2b",) if quick else ("e2b", "e4b")) for d in dtypes] + tiny
+    cases = tiny + [("small", d, "timing", timing) for d in dtypes]
     cases += [("small-mm", "bf16", "media", MEDIA_SETTING)]
     return cases + ([] if quick else [(s, d, "memory + load", MEMORY) for s in ("e2b", "e4b") for d in dtypes])
 
@@ -106,7 +117,8 @@ def measure_media(case: dict, runtimes: list, runs: int, device: str) -> None:
             case["runs"][runtime.name].append(result)
 
 
-def measure(case: dict, setting: Setting, runtimes: list, bandwidth: float, runs: int, device: str) -> None:
+def measure(case: dict, setting: Setting, runtimes: list, bandwidth: float, runs: int, device: str,
+            activations: str | None = None) -> None:
     """`runs` fresh-process runs of each runtime, interleaved, into case["runs"]."""
     if case["mode"] == "media":
         return measure_media(case, runtimes, runs, device)
@@ -116,7 +128,8 @@ def measure(case: dict, setting: Setting, runtimes: list, bandwidth: float, runs
         for runtime in runtimes:
             log(f"{case['shape']} {case['dtype']}: {runtime.name} run {index + 1}/{runs}")
             folder = case["folders"][runtime.name]
-            result = run_once(runtime, folder, prompts, setting.decode, setting.warmup, device)
+            result = run_once(runtime, folder, prompts, setting.decode, setting.warmup, device,
+                              activations=activations)
             if result.get("decode_tps"):
                 result["roofline_pct"] = 100 * result["decode_tps"] / case["roofline_tps"]
             log(f"  {result}")
@@ -129,9 +142,12 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shape only (CPU), E2B only (GPU), fewer tokens")
     parser.add_argument("--only", default=",".join(RUNTIMES), help=f"comma-separated subset of {','.join(RUNTIMES)}")
     parser.add_argument("--shapes", default="small,small-mm,e2b,e4b",
-                        help="comma-separated subset of small,small-mm (image / audio rows),e2b,e4b")
+                        help="comma-separated subset of tiny,small,small-mm (image / audio rows),e2b,e4b")
     parser.add_argument("--dtypes", default="bf16,int4", help="comma-separated subset of bf16,int4 (media rows: bf16)")
+    parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for latest.md and latest.json")
     parser.add_argument("--runs", type=int, default=3, help="runs per runtime and table (interleaved)")
+    parser.add_argument("--equal-activations", nargs="?", const="bfloat16", choices=["bfloat16", "float32"],
+                        help="every runtime computes in this float dtype (default bfloat16)")
     parser.add_argument("--media-runs", type=int, help="runs per runtime of the image / audio rows "
                         "(default: --runs; 1 with --quick)")
     args = parser.parse_args(argv)
@@ -158,12 +174,14 @@ def main(argv=None) -> None:
             cases.append((case, setting, runtimes))
     bandwidth = bandwidth_gbps()
     for case, setting, runtimes in cases:
-        measure(case, setting, runtimes, bandwidth, case["runs_each"], args.device)
+        measure(case, setting, runtimes, bandwidth, case["runs_each"], args.device, args.equal_activations)
     meta = dict(
         command="python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(args.device),
-        versions=versions(), bandwidth_gbps=bandwidth, preparation_s=prepared,
+        versions=versions(), bandwidth_gbps=bandwidth, preparation_s=prepared, activations=args.equal_activations,
         bandwidth_method=f"best of 5 MLX copies (a + 1) of 1 GiB of float32 on {mx.default_device()}, "
                          f"in {bandwidth_parts()} parallel slices (one stream each)",
     )
-    log(f"wrote {report.write(meta, [case for case, _, _ in cases])}")
+    path = report.write(meta, [case for case, _, _ in cases], args.out)
+    log(f"wrote {path}")
+    print(path.read_text(), flush=True)

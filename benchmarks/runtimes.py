@@ -1,7 +1,7 @@
 """The runtimes compared, how each gets its model folder (its own converter, cached), and how a runner
 process is started.
 
-bf16 rows: on `small` each MLX runtime converts with its own tool; on the real shapes every runtime
+bf16 rows: on `small` (and `tiny`) each MLX runtime converts with its own tool; on the real shapes every runtime
 loads the random bf16 Hugging Face checkpoint directly (a bf16 conversion only renames tensors, and
 three 9-14 GB copies per shape would not fit the disk). int4 rows: each runtime's own converter,
 affine 4 bits, group size 64 (mlx-lm's defaults). Transformers runs bf16 only.
@@ -26,6 +26,7 @@ from .checkpoints import CACHE, MEDIA, ROOT, ensure_checkpoint
 
 REPO = ROOT.parent
 QUANT = ["-q", "--q-bits", "4", "--q-group-size", "64"]
+OWN_BF16 = ("tiny", "small")  # reduced shapes: each MLX runtime converts its bf16 folder too
 
 
 def environment() -> dict:
@@ -70,7 +71,7 @@ def model_dir(runtime: Runtime, shape: str, dtype: str, src: Path) -> Path:
         return src
     if runtime.needs_towers:
         return ensure_checkpoint(f"{shape}-mm")
-    if runtime.convert is None or (dtype == "bf16" and shape != "small"):
+    if runtime.convert is None or (dtype == "bf16" and shape not in OWN_BF16):
         return src
     dst = CACHE / f"{runtime.name}-{shape}-{dtype}"
     if (dst / "config.json").is_file():
@@ -83,14 +84,15 @@ def model_dir(runtime: Runtime, shape: str, dtype: str, src: Path) -> Path:
 
 
 def run_once(runtime: Runtime, folder: Path, prompts: str, decode: int, warmup: int, device: str,
-             media: dict | None = None) -> dict:
+             media: dict | None = None, activations: str | None = None) -> dict:
     """One measurement in a fresh process; the runner's RESULT line as a dict (or its error).
-    `media` ({"image": path, "audio": path}): the image / audio measurement instead of text prompts."""
+    `media` ({"image": path, "audio": path}): the image / audio measurement instead of text prompts.
+    `activations` (bfloat16, float32): the float dtype every runtime computes in (runners/measure.py)."""
     command = [sys.executable, "-m", f"benchmarks.runners.{runtime.runner}", "--model", str(folder),
                "--prompts", prompts, "--decode", str(decode), "--warmup", str(warmup)]
     if media:
         command += ["--media", ",".join(media)] + [a for kind, path in media.items() for a in (f"--{kind}", str(path))]
-    env = dict(environment(), BENCH_DEVICE=device)
+    env = dict(environment(), BENCH_DEVICE=device, BENCH_ACTIVATIONS=activations or "")
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -12,12 +12,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
 import numpy as np
 
 BOS = 2
+# --equal-activations: the float dtype every runtime computes in (None: each runtime's own choice)
+ACTIVATIONS = os.environ.get("BENCH_ACTIVATIONS") or None
+
+
+def with_activations(model):
+    """A peer's model with its float parameters (float layers, quantization scales and biases) cast to
+    ACTIVATIONS, which its activations then follow (what `load(dtype=...)` does for ours)."""
+    if ACTIVATIONS is None:
+        return model
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    dtype = getattr(mx, ACTIVATIONS)
+    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
+    mx.eval(model.parameters())
+    return model
 
 
 def prompt_ids(length: int) -> list[int]:

@@ -1,16 +1,16 @@
 """mlx-lm: `mlx_lm.load` and `mlx_lm.stream_generate` (its default greedy sampler and prefill step),
-with the tokenizer's end-of-sequence ids cleared."""
+with the tokenizer's end-of-sequence ids cleared; float parameters cast to $BENCH_ACTIVATIONS when set."""
 
 from mlx_lm import load as load_model
 from mlx_lm import stream_generate
 
-from .measure import run
+from .measure import run, with_activations
 
 
 def load(path):
     model, tokenizer = load_model(path)
     tokenizer.eos_token_ids = set()
-    return model, tokenizer
+    return with_activations(model), tokenizer
 
 
 def stream(handle, ids, max_tokens):

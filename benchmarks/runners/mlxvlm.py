@@ -18,7 +18,7 @@ from mlx_vlm import stream_generate
 from mlx_vlm.prompt_utils import apply_chat_template
 from mlx_vlm.utils import prepare_inputs
 
-from .measure import run
+from .measure import run, with_activations
 
 MEDIA_TEXT = "describe"
 
@@ -28,7 +28,7 @@ def load(path):
     tokenizer = processor.tokenizer
     tokenizer.stopping_criteria.eos_token_ids = []
     tokenizer.stopping_criteria.additional_eos_token_ids = []
-    return model, processor, None
+    return with_activations(model), processor, None
 
 
 def prompt_text(processor, ids):

@@ -1,0 +1,69 @@
+"""The benchmark harness end to end on its CI-sized `tiny` shape (`python -m benchmarks --device cpu
+--quick`), and the launch counter (`python -m benchmarks.launches`) on a graph whose kernels are known."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from benchmarks.launches import VIEWS, fast_kernels_marked, graph_counts
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 600
+
+
+def run_module(args: list[str]) -> str:
+    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_row(text: str, label: str) -> list[str]:
+    row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in row.strip("|").split("|")][1:]
+
+
+def test_quick_cpu_run_prints_each_runtime_row(tmp_path):
+    out = run_module(["benchmarks", "--device", "cpu", "--quick", "--shapes", "tiny", "--only", "ours,mlx-lm",
+                      "--runs", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "latest.md").read_text() in out
+    for dtype in ("bf16", "int4"):
+        section = out.split(f"## tiny {dtype} (timing)")[1].split("\n## ")[0]
+        for label in ("prefill 128 tok/s ↑", "decode tok/s ↑", "decode, % of bandwidth roofline ↑", "MLX peak GB (after load) ↓"):
+            ours, peer, ratio = table_row(section, label)
+            assert float(ours) > 0 and float(peer) > 0 and re.fullmatch(r"\d+\.\d\dx", ratio), (label, ours, peer, ratio)
+        assert "failed" not in section
+
+
+def test_a_fast_kernel_counts_once_and_a_compiled_region_once():
+    weight = mx.ones((8,))
+    x = mx.ones((1, 1, 8))
+    mx.eval(weight, x)
+    state = {"weight": weight}
+
+    def layer(x):
+        normed = mx.fast.rms_norm(mx.exp(x) * 2, state["weight"], 1e-6)
+        return mx.fast.rope(normed.reshape(1, 1, 1, 8), 8, traditional=False, base=1e4, scale=1.0, offset=3) + 1
+
+    original = mx.fast.rms_norm
+    with fast_kernels_marked():
+        counts = graph_counts(mx.compile(layer, inputs=state)(x))
+    kernels = {kind: n for kind, n in counts.items() if kind not in VIEWS}
+    # exp * 2 fuse, the norm and rope are one kernel each, the + 1 a second fused region
+    assert kernels == {"Compiled": 2, "fast.rms_norm": 1, "fast.rope": 1}
+    assert mx.fast.rms_norm is original  # restored after the block
+
+
+def test_launch_table_has_a_row_per_runtime(tmp_path):
+    out = run_module(["benchmarks.launches", "--shapes", "tiny", "--dtypes", "int4", "--only", "ours,mlx-lm",
+                      "--out", str(tmp_path)])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| tiny | int4 |")]
+    cells = {row[2]: row for row in rows}
+    assert set(cells) == {"ours", "mlx-lm"}, out
+    assert cells["mlx-lm"][5] == "1.00"
+    for row in cells.values():
+        kernels, primitives = int(row[3]), int(row[4])
+        assert 0 < kernels <= primitives and "fast.rms_norm" in row[6]
