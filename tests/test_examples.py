@@ -6,10 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile
-from PIL import Image
 
 from mlx_gemma3n import generate, load
 from mlx_gemma3n.generate import ChatSession
@@ -24,13 +21,8 @@ def loaded(tiny_ckpt_a):
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("example_media")
-    rng = np.random.default_rng(3)
-    Image.fromarray(rng.integers(0, 256, (200, 260, 3), dtype=np.uint8)).save(folder / "picture.jpg")
-    t = np.arange(16000) / 16000
-    soundfile.write(folder / "speech.flac", (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 16000)
-    return folder / "picture.jpg", folder / "speech.flac"
+def media(tiny_media):
+    return tiny_media["image"], tiny_media["audio"]
 
 
 def run_example(name: str, *args: str, stdin: str | None = None) -> str:

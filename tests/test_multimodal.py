@@ -39,15 +39,8 @@ def hf_processor(tiny_tokenizer, tiny_ckpt_a):
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("media")
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8))
-    image.save(folder / "cat.png")
-    t = np.arange(16000 * 2) / 16000
-    clip = (0.4 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
-    soundfile.write(folder / "clip.wav", clip, 16000)
-    return folder / "cat.png", folder / "clip.wav"
+def media(tiny_media):
+    return tiny_media["image"], tiny_media["audio"]
 
 
 def messages_with(media, image=True, audio=True):
