@@ -18,6 +18,7 @@ each returns ``TinyCheckpoint(path, model)``, a NamedTuple that unpacks as
                        the KV-shared layers 5..9 (transformers ignores them), and
                        config.json text_config spelled with rope_theta /
                        rope_local_base_freq / rope_scaling instead of rope_parameters
+  tiny_ckpt_256        tiny_ckpt_a's weights, its processor files resizing images to 256 x 256
   tiny_ckpt_text_only  TINY_TEXT_B, Gemma3nForCausalLM (keys "model.layers..."), seed 2
   tiny_tokenizer       transformers tokenizer loaded from tiny_ckpt_a's folder
   tiny_media           {"image": PNG path, "audio": WAV path} for media prompts
@@ -97,6 +98,15 @@ def tiny_ckpt_shared_kv(tmp_path_factory) -> TinyCheckpoint:
         keep_shared_kv=True,
         config_style="google",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_256(tmp_path_factory) -> TinyCheckpoint:
+    """tiny_ckpt_a's weights with its processor files resizing images to 256 x 256 (not 768): the
+    vision tower runs in seconds, not minutes, for tests that run it end to end in subprocesses."""
+    from reference import TINY_TEXT_A
+
+    return _build(tmp_path_factory, "tiny_256", text=TINY_TEXT_A, seed=0, multimodal=True, processor_image_size=256)
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_ckpt_a):
-    return load(tiny_ckpt_a.path)
+def loaded(tiny_ckpt_256):
+    return load(tiny_ckpt_256.path)
 
 
 @pytest.fixture(scope="module")
@@ -37,42 +37,42 @@ def user_turn(*parts):
     return [{"role": "user", "content": list(parts)}]
 
 
-def test_chat_loop(tiny_ckpt_a, loaded):
+def test_chat_loop(tiny_ckpt_256, loaded):
     model, processor = loaded
     chat = ChatSession(model, processor)
     params = SamplingParams(temperature=0.0)
     expected = "".join(
         "".join(r.text for r in chat.ask(turn, params, max_tokens=8)) + "\n" for turn in ("hello there", "and you?")
     )
-    args = ("--model", str(tiny_ckpt_a.path), "--max-tokens", "8", "--temp", "0")
+    args = ("--model", str(tiny_ckpt_256.path), "--max-tokens", "8", "--temp", "0")
     assert run_example("chat.py", *args, stdin="hello there\nand you?\n\n") == expected
 
 
-def test_image_question(tiny_ckpt_a, loaded, media):
+def test_image_question(tiny_ckpt_256, loaded, media):
     image, _ = media
     expected = generate(*loaded, user_turn({"type": "image", "image": str(image)}, {"type": "text", "text": "what?"}),
                         max_tokens=8, temperature=0.0)
-    out = run_example("image_qa.py", "--model", str(tiny_ckpt_a.path), "--image", str(image), "--question", "what?",
+    out = run_example("image_qa.py", "--model", str(tiny_ckpt_256.path), "--image", str(image), "--question", "what?",
                       "--max-tokens", "8")
     assert out == expected + "\n"
 
 
-def test_transcription(tiny_ckpt_a, loaded, media):
+def test_transcription(tiny_ckpt_256, loaded, media):
     _, audio = media
     instruction = "Transcribe this audio clip into text."
     expected = generate(*loaded, user_turn({"type": "audio", "audio": str(audio)}, {"type": "text", "text": instruction}),
                         max_tokens=8, temperature=0.0)
-    out = run_example("transcribe.py", "--model", str(tiny_ckpt_a.path), "--audio", str(audio), "--max-tokens", "8")
+    out = run_example("transcribe.py", "--model", str(tiny_ckpt_256.path), "--audio", str(audio), "--max-tokens", "8")
     assert out == expected + "\n"
 
 
-def test_image_and_audio(tiny_ckpt_a, loaded, media):
+def test_image_and_audio(tiny_ckpt_256, loaded, media):
     image, audio = media
     instruction = "Answer the question in the audio about the image."
     expected = generate(*loaded, user_turn(
         {"type": "image", "image": str(image)}, {"type": "audio", "audio": str(audio)}, {"type": "text", "text": instruction},
     ), max_tokens=8, temperature=0.0)
-    out = run_example("image_and_audio.py", "--model", str(tiny_ckpt_a.path), "--image", str(image), "--audio", str(audio),
+    out = run_example("image_and_audio.py", "--model", str(tiny_ckpt_256.path), "--image", str(image), "--audio", str(audio),
                       "--max-tokens", "8")
     assert out == expected + "\n"
 

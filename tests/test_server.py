@@ -47,14 +47,8 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """tiny_ckpt_a's weights, with images resized to 256 x 256 (not 768): the vision tower runs in
-    seconds, not minutes, on a busy CPU."""
-    from reference import TINY_TEXT_A, build_checkpoint
-
-    path = tmp_path_factory.mktemp("server_ckpt")
-    build_checkpoint(path, text=TINY_TEXT_A, seed=0, multimodal=True, processor_image_size=256)
-    return path
+def checkpoint(tiny_ckpt_256):
+    return tiny_ckpt_256.path
 
 
 @pytest.fixture(scope="module")
