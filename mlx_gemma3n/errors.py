@@ -1,6 +1,7 @@
 """The one exception type for problems a user can fix (bad files, bad arguments, bad prompts), and how
 the command-line tools report it."""
 
+import os
 import sys
 from typing import Callable
 
@@ -10,7 +11,8 @@ class Gemma3nError(ValueError):
 
 
 def run_command(body: Callable[[], None]) -> int:
-    """Exit code of a CLI body: a Gemma3nError becomes one `error:` line (1), Ctrl-C 130."""
+    """Exit code of a CLI body: a Gemma3nError becomes one `error:` line (1), Ctrl-C 130, a closed
+    stdout pipe 1 without a traceback."""
     try:
         body()
         return 0
@@ -19,3 +21,6 @@ def run_command(body: Callable[[], None]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # whoever read stdout stopped (`... | head`): end quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
