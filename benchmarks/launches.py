@@ -104,7 +104,7 @@ def build_ours(config: dict, int4: bool, folder: Path):
     model = Model(ModelConfig.from_dict(config), towers=())
     if int4:
         plan, left_float = quantization_plan(model, "uniform4", GROUP_SIZE)
-        block = config_block(plan, left_float, "uniform4", BITS, GROUP_SIZE)
+        block = config_block(plan, left_float, "uniform4", {"bits": BITS, "group_size": GROUP_SIZE})
         quantize_like_checkpoint(model, block, {f"{path}.scales" for path in plan})
     parts = sparse_table(model, folder)
     map_table(model, parts, None)

@@ -4,9 +4,9 @@
 
 Builds the test suite's tiny random Gemma 3n checkpoints (tests/reference.py, Transformers), and for
 each checkpoint measures (1) each recipe of mlx_gemma3n.quantization.RECIPES through the real
-conversion (`convert`), with bf16 and float32 float parts, (2) the mixed candidates the kept one was
-chosen from and (3) sensitivity: one group of modules at 4 bits, everything else
-float, to see which group costs the most.
+conversion (`convert`), with bf16 and float32 float parts, and the recipes in MLX's float modes
+(mxfp4, nvfp4, mxfp8), (2) the mixed candidates the kept one was chosen from and (3) sensitivity:
+one group of modules at 4 and at 3 bits, everything else float, to see which group costs the most.
 Positions: 4 prompts x 80 tokens = 320 per checkpoint.
 """
 
@@ -28,6 +28,7 @@ from mlx_gemma3n.convert import convert  # noqa: E402
 from mlx_gemma3n.quantization import RECIPES, is_quantizable  # noqa: E402
 
 GROUP_SIZE = 32
+MODE_ROWS = (("uniform4", "mxfp4"), ("uniform4", "nvfp4"), ("uniform8", "mxfp8"), ("mixed", "mxfp4"))
 # Mixed recipes considered besides the one kept in RECIPES ("mixed": LM head + attention at 8).
 CANDIDATES = {
     "candidate: LM head at 8": lambda p: 8 if p.endswith("embed_tokens") else 4,
@@ -57,8 +58,14 @@ def compare(reference_logits: mx.array, logits: mx.array) -> tuple[float, float]
 
 
 def quantized_copy(path: Path, bits_for_path) -> nn.Module:
-    """The float32 model with the modules `bits_for_path` names (not None) quantized in memory."""
+    """The float32 model with the modules `bits_for_path` names (not None) quantized in memory. The
+    PLE table, which load() serves from its file, is first read whole into an nn.Embedding, so that
+    nn.quantize reaches it too."""
     model, _ = load(path)
+    lm = model.language_model
+    table = lm.embed_tokens_per_layer(mx.arange(model.config.text.vocab_size_per_layer_input))
+    lm.embed_tokens_per_layer = nn.Embedding(*table.shape)
+    lm.embed_tokens_per_layer.weight = table
 
     def predicate(module_path, module):
         if not is_quantizable(module_path, module) or module.weight.shape[-1] % GROUP_SIZE:
@@ -80,15 +87,19 @@ def measure(name: str, path: Path) -> list[tuple[str, str, float, float]]:
             out = convert(str(path), path.parent / f"{path.name}-{recipe}-{dtype}", dtype=dtype, quantize=True,
                           quant_recipe=recipe, q_group_size=GROUP_SIZE)
             rows.append((name, f"convert {recipe}, float parts {dtype}", *compare(reference, load(out)[0](ids))))
+    for recipe, mode in MODE_ROWS:
+        out = convert(str(path), path.parent / f"{path.name}-{recipe}-{mode}", quantize=True, quant_recipe=recipe, q_mode=mode)
+        rows.append((name, f"convert {recipe}, {mode}, float parts bfloat16", *compare(reference, load(out)[0](ids))))
     for label, bits_for_path in CANDIDATES.items():
         rows.append((name, label, *compare(reference, quantized_copy(path, bits_for_path)(ids))))
-    for group, parts in GROUPS.items():
-        def only_group(p, parts=parts):
-            last = p.rsplit(".", 1)[-1]
-            return 4 if any(part in p if part.endswith(".") else last.startswith(part) for part in parts) else None
+    for bits in (4, 3):
+        for group, parts in GROUPS.items():
+            def only_group(p, parts=parts, bits=bits):
+                last = p.rsplit(".", 1)[-1]
+                return bits if any(part in p if part.endswith(".") else last.startswith(part) for part in parts) else None
 
-        quantized = quantized_copy(path, only_group)
-        rows.append((name, f"only {group} at 4-bit", *compare(reference, quantized(ids))))
+            quantized = quantized_copy(path, only_group)
+            rows.append((name, f"only {group} at {bits}-bit", *compare(reference, quantized(ids))))
     return rows
 
 

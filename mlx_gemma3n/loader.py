@@ -232,11 +232,12 @@ def load_model(model_dir: Path, dtype=None, matformer=None) -> Model:
         config, weights, table_columns = slice_at_load(matformer, model_dir, config, weights, mapped)
     if config.is_multimodal and not any(name.startswith(EMBEDDERS) for name in weights):
         config = text_part(config)
+    if config.quantization:
+        config = replace(config, quantization=our_quantization_block(config))
     model = Model(config, towers=tuple(towers) if config.is_multimodal else ())
     for tower, tower_weights in towers.items():
         weights.update({f"{tower}.{k}": v for k, v in model[tower].sanitize(tower_weights).items()})
     if config.quantization:
-        config.quantization = our_quantization_block(config)
         quantize_like_checkpoint(model, config.quantization, set(weights) | {f"{MAPPED_TABLE}.{k}" for k in mapped})
     if dtype is not None:
         dtype = COMPUTE_DTYPES[dtype] if isinstance(dtype, str) else dtype

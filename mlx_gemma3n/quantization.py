@@ -16,8 +16,12 @@ from .errors import Gemma3nError
 # the vision and audio towers stay float for now (their convolutions must, their linears untried).
 FLOAT_SUBMODULES = (".altup.", ".laurel.")
 FLOAT_PREFIXES = ("vision_tower.", "audio_tower.")
-# MLX's quantization modes: affine has float scales and biases, the others uint8 scales only.
+# MLX's quantization modes: affine has float scales and biases, the others uint8 scales only and a
+# fixed (bits, group size).
 MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+FLOAT_MODES = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+AFFINE_GROUP_SIZES = (32, 64, 128)
 
 
 def is_quantizable(path: str, module: nn.Module) -> bool:
@@ -35,15 +39,35 @@ def _head_and_attention_at_8(path: str) -> int:
     return 8 if path.endswith("embed_tokens") or ".self_attn." in path else 4
 
 
+def _mlp_at_3(path: str) -> int:
+    """The lean recipe, for E4B in <= 2.3 GB (benchmarks/quant_quality.py, quant_memory.py): the MLP
+    holds ~80% of the resident weights, and of the three large groups it costs the least KL alone
+    at 4 bits and at 3 on both tiny checkpoints, so it alone drops to 3 bits. The PLE table, the
+    least sensitive, stays at 4: it is memory-mapped, so its bits cost disk, not memory."""
+    return 3 if ".mlp." in path else 4
+
+
 RECIPES: dict[str, Callable[[str], int]] = {
-    "uniform4": lambda path: 4,
-    "uniform8": lambda path: 8,
+    **{f"uniform{bits}": (lambda path, bits=bits: bits) for bits in AFFINE_BITS},
     "mixed": _head_and_attention_at_8,
+    "mixed3": _mlp_at_3,
 }
 
 
-def quantization_plan(model: nn.Module, recipe: str, group_size: int) -> tuple[dict, list[str]]:
-    """({module path: {"bits", "group_size"}}, paths left float because their width does not divide)."""
+def module_params(bits: int, group_size: int, mode: str, path: str, recipe: str) -> dict:
+    """A module's quantization settings. In affine mode the recipe's bits at `group_size`; in a
+    float mode (fixed bits and group), its 4-bit modules take `mode` and its 8-bit ones mxfp8."""
+    if mode == "affine":
+        return {"bits": bits, "group_size": group_size}
+    chosen = mode if FLOAT_MODES[mode][0] == bits else next((m for m, (b, _) in FLOAT_MODES.items() if b == bits), None)
+    if chosen is None:
+        raise Gemma3nError(f"recipe {recipe} puts {path} at {bits} bits, which no float mode has (mxfp4/nvfp4: 4, mxfp8: 8); use --q-mode affine")
+    bits, group_size = FLOAT_MODES[chosen]
+    return {"bits": bits, "group_size": group_size, "mode": chosen}
+
+
+def quantization_plan(model: nn.Module, recipe: str, group_size: int, mode: str = "affine") -> tuple[dict, list[str]]:
+    """({module path: {"bits", "group_size"[, "mode"]}}, paths left float because their width does not divide)."""
     if recipe not in RECIPES:
         raise Gemma3nError(f"unknown quantization recipe '{recipe}' (choose from {', '.join(RECIPES)})")
     bits_for = RECIPES[recipe]
@@ -51,16 +75,19 @@ def quantization_plan(model: nn.Module, recipe: str, group_size: int) -> tuple[d
     for path, module in model.named_modules():
         if not is_quantizable(path, module):
             continue
-        if module.weight.shape[-1] % group_size:
+        params = module_params(bits_for(path), group_size, mode, path, recipe)
+        if module.weight.shape[-1] % params["group_size"]:
             left_float.append(path)
         else:
-            plan[path] = {"bits": bits_for(path), "group_size": group_size}
+            plan[path] = params
     return plan, left_float
 
 
-def config_block(plan: dict, left_float: list[str], recipe: str, bits: int, group_size: int) -> dict:
-    block = {"group_size": group_size, "bits": bits, "mode": "affine", "recipe": recipe}
-    block.update({path: params for path, params in plan.items() if params != {"bits": bits, "group_size": group_size}})
+def config_block(plan: dict, left_float: list[str], recipe: str, default: dict) -> dict:
+    """config.json's block: `default` ({"bits", "group_size"[, "mode"]}) at the top, an entry for each
+    module quantized otherwise (e.g. an mxfp8 module in an mxfp4 folder), false for float ones."""
+    block = {"group_size": default["group_size"], "bits": default["bits"], "mode": default.get("mode", "affine"), "recipe": recipe}
+    block.update({path: params for path, params in plan.items() if params != default})
     block.update({path: False for path in left_float})
     return block
 

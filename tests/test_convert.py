@@ -2,7 +2,8 @@
 
 Quality floors come from benchmarks/quant_quality.py (benchmarks/RESULTS.md), measured on these
 tiny random checkpoints at group size 32 over 320 positions, float parts bf16 (the default): bf16 KL
-0.013 (top-1 0.75); uniform8 KL 0.013 (top-1 0.79); mixed 0.26; uniform4 0.36.
+0.013 (top-1 0.75); uniform8 KL 0.013 (top-1 0.79); mixed 0.26; uniform4 0.36; mixed3 0.44; and in
+MLX's float modes uniform4 mxfp4 0.46, nvfp4 0.42, uniform8 mxfp8 0.14.
 Random tiny models have small logit margins, so top-1 agreement is low even for small errors; KL
 is the main measure.
 """
@@ -24,13 +25,16 @@ from mlx_gemma3n import Gemma3nError, load
 from mlx_gemma3n.convert import convert
 from mlx_gemma3n.convert import shards as shards_module
 from mlx_gemma3n.mapped import MappedEmbedding
+from mlx_gemma3n.quantization import FLOAT_MODES
 
 FLOORS = {  # recipe: (min top-1 agreement, max mean KL), float parts bf16
     None: (0.65, 0.03),  # not quantized
     "uniform8": (0.7, 0.025),
     "mixed": (0.15, 0.35),
     "uniform4": (0.06, 0.5),
+    "mixed3": (0.05, 0.6),
 }
+MODE_MAX_KL = {"mxfp4": 0.6, "nvfp4": 0.55, "mxfp8": 0.2}
 
 
 def positions() -> mx.array:
@@ -85,6 +89,40 @@ def test_mixed_recipe_bits_and_ordering(tiny_ckpt_a, float_logits, tmp_path):
     assert lm.layers[0].mlp.up_proj.bits == 4
     assert isinstance(lm.embed_tokens_per_layer, MappedEmbedding) and lm.embed_tokens_per_layer.bits == 4
     assert quality(float_logits, mixed(positions()))[1] < quality(float_logits, uniform(positions()))[1]
+
+
+@pytest.mark.parametrize("mode", list(FLOAT_MODES))
+def test_float_modes(tiny_ckpt_a, float_logits, tmp_path, mode):
+    """--q-mode mxfp4 / mxfp8 / nvfp4: each weight is MLX's quantization of the float32 source in
+    that mode (uint8 scales, no biases), the PLE table stays mapped in it, and the quality holds its
+    measured floor."""
+    bits, group_size = FLOAT_MODES[mode]
+    out = convert(str(tiny_ckpt_a.path), tmp_path / mode, quantize=True, q_mode=mode)
+    block = json.loads((out / "config.json").read_text())["quantization"]
+    assert (block["mode"], block["bits"], block["group_size"], block["recipe"]) == (mode, bits, group_size, f"uniform{bits}")
+    assert f"--q-mode {mode}" in (out / "README.md").read_text()
+    model, _ = load(out)
+    source, _ = load(tiny_ckpt_a.path, dtype="float32")
+    up, float_up = model.language_model.layers[0].mlp.up_proj, source.language_model.layers[0].mlp.up_proj
+    weight, scales = mx.quantize(float_up.weight, group_size=group_size, bits=bits, mode=mode)
+    assert up.mode == mode and "biases" not in up and up.scales.dtype == mx.uint8
+    assert mx.array_equal(up.weight, weight) and mx.array_equal(up.scales, scales)
+    assert model.language_model.embed_tokens_per_layer.mode == mode
+    assert quality(float_logits, model(positions()))[1] <= MODE_MAX_KL[mode]
+
+
+def test_mixed_recipes_across_modes_and_bits(tiny_ckpt_a, float_logits, tmp_path):
+    """mixed in mxfp4: the 8-bit modules become per-module mxfp8 entries; mixed3 (affine): the MLP at 3 bits."""
+    out = convert(str(tiny_ckpt_a.path), tmp_path / "mixed-mxfp4", quantize=True, q_mode="mxfp4", quant_recipe="mixed")
+    block = json.loads((out / "config.json").read_text())["quantization"]
+    assert block["language_model.embed_tokens"] == {"bits": 8, "group_size": 32, "mode": "mxfp8"}
+    assert "language_model.layers.0.mlp.up_proj" not in block  # the folder's default: mxfp4
+    lm = load(out)[0].language_model
+    assert (lm.embed_tokens.mode, lm.layers[0].self_attn.q_proj.mode, lm.layers[0].mlp.up_proj.mode) == ("mxfp8", "mxfp8", "mxfp4")
+    lean, _ = load(convert(str(tiny_ckpt_a.path), tmp_path / "mixed3", quantize=True, quant_recipe="mixed3", q_group_size=32))
+    lm = lean.language_model
+    assert (lm.layers[0].mlp.down_proj.bits, lm.layers[0].self_attn.o_proj.bits, lm.embed_tokens.bits) == (3, 4, 4)
+    assert quality(float_logits, lean(positions()))[1] <= FLOORS["mixed3"][1]
 
 
 def test_output_folder_layout(tiny_ckpt_a, tmp_path):
@@ -179,8 +217,13 @@ def test_bad_sources_are_refused_before_writing(source, tmp_path):
 
 def test_bad_options_are_refused(tiny_ckpt_a, tmp_path):
     dst = tmp_path / "out"
-    assert_refused(tiny_ckpt_a.path, dst, "--q-bits must be 4 or 8", quantize=True, q_bits=3)
+    assert_refused(tiny_ckpt_a.path, dst, "--q-bits must be one of 2, 3, 4, 5, 6, 8, got 7", quantize=True, q_bits=7)
     assert_refused(tiny_ckpt_a.path, dst, "--q-group-size must be", quantize=True, q_group_size=48)
+    assert_refused(tiny_ckpt_a.path, dst, "unknown --q-mode 'fp4'", quantize=True, q_mode="fp4")
+    assert_refused(tiny_ckpt_a.path, dst, "--q-mode mxfp4 has 4 bits in groups of 32", quantize=True, q_mode="mxfp4", q_bits=8)
+    assert_refused(tiny_ckpt_a.path, dst, "--q-mode nvfp4 has 4 bits in groups of 16", quantize=True, q_mode="nvfp4", q_group_size=64)
+    assert_refused(tiny_ckpt_a.path, dst, "recipe mixed3 puts .* at 3 bits, which no float mode has", quantize=True,
+                   q_mode="mxfp4", quant_recipe="mixed3")
     assert_refused(tiny_ckpt_a.path, dst, "unknown quantization recipe 'fancy'", quantize=True, quant_recipe="fancy")
     assert_refused(tiny_ckpt_a.path, dst, "unknown dtype", dtype="int8")
 
@@ -201,8 +244,8 @@ def test_cli(tiny_ckpt_a, tmp_path):
     ok = subprocess.run(run + ["--mlx-path", str(tmp_path / "q"), "-q", "--q-group-size", "32"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "stays float" in ok.stderr and load(tmp_path / "q")
-    bad = subprocess.run(run + ["--mlx-path", str(tmp_path / "x"), "-q", "--q-bits", "2"], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.strip() == "error: --q-bits must be 4 or 8, got 2"
+    bad = subprocess.run(run + ["--mlx-path", str(tmp_path / "x"), "-q", "--q-bits", "7"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --q-bits must be one of 2, 3, 4, 5, 6, 8, got 7"
     assert not (tmp_path / "x").exists()
 
 

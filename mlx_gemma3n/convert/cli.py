@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mlx_gemma3n.errors import Gemma3nError, run_command
-from mlx_gemma3n.quantization import RECIPES
+from mlx_gemma3n.quantization import MODES, RECIPES
 
 from .convert import convert
 
@@ -28,8 +28,10 @@ def main(argv=None) -> int:
     parser.add_argument("--mlx-path", required=True, help="destination folder")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32 (float parts)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize Linear and Embedding weights")
-    parser.add_argument("--q-bits", type=int, default=4, help="4 or 8")
-    parser.add_argument("--q-group-size", type=int, default=64, help="32, 64 or 128")
+    parser.add_argument("--q-bits", type=int, help="affine mode: 2, 3, 4, 5, 6 or 8 (default 4)")
+    parser.add_argument("--q-group-size", type=int, help="affine mode: 32, 64 or 128 (default 64)")
+    parser.add_argument("--q-mode", default="affine", help=f"one of {', '.join(MODES)} (default affine; the float "
+                        "modes have their own bits and group size: mxfp4 4/32, mxfp8 8/32, nvfp4 4/16)")
     parser.add_argument("--quant-recipe", help=f"one of {', '.join(RECIPES)} (default: uniform<q-bits>)")
     parser.add_argument("--adapter-path", help="fuse this PEFT LoRA adapter (folder or hub id) into the weights")
     parser.add_argument("--matformer", metavar="SPEC", help="write this MatFormer slice of an E4B checkpoint: a name "
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
 def convert_and_upload(args) -> None:
     folder = convert(
         args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize or bool(args.quant_recipe),
-        q_bits=args.q_bits, q_group_size=args.q_group_size, quant_recipe=args.quant_recipe, force=args.force,
+        q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode, quant_recipe=args.quant_recipe, force=args.force,
         adapter_path=args.adapter_path, matformer=args.matformer,
     )
     print(f"[convert] wrote {folder}", file=sys.stderr)

@@ -28,7 +28,10 @@ from mlx_gemma3n.loader import COMPUTE_DTYPES, check_names, our_name, resolve_mo
 from mlx_gemma3n.matformer import CutLocation, Slicing, resolve_spec
 from mlx_gemma3n.mapped import SAFETENSORS_DTYPES, TensorLocation, locate, read_header
 from mlx_gemma3n.model import TOWERS, Model
-from mlx_gemma3n.quantization import RECIPES, config_block, quantization_plan, quantize_like_checkpoint
+from mlx_gemma3n.quantization import (
+    AFFINE_BITS, AFFINE_GROUP_SIZES, FLOAT_MODES, MODES, RECIPES, config_block, module_params, quantization_plan,
+    quantize_like_checkpoint,
+)
 
 from .shards import ShardWriter
 
@@ -54,8 +57,8 @@ def prepare_destination(dst: Path, force: bool) -> None:
 def model_card(src: str, dst: Path, dtype: str, block: dict | None) -> str:
     how = f"python -m mlx_gemma3n.convert --hf-path {src} --mlx-path {dst.name} --dtype {dtype}"
     if block:
-        how += f" -q --quant-recipe {block['recipe']} --q-group-size {block['group_size']}"
-        weights = f"quantized ({block['recipe']}: affine, group size {block['group_size']}), float parts in {dtype}"
+        how += f" -q --q-mode {block['mode']} --quant-recipe {block['recipe']} --q-group-size {block['group_size']}"
+        weights = f"quantized ({block['recipe']}: {block['mode']}, group size {block['group_size']}), float parts in {dtype}"
     else:
         weights = dtype
     return (
@@ -72,8 +75,8 @@ class WeightPlan:
     """What becomes of each source tensor (by module path, our names)."""
 
     dtype: mx.Dtype  # of the float tensors written
-    quantize: dict = field(default_factory=dict)  # -> {"bits", "group_size"}: quantized in the output
-    packed: dict = field(default_factory=dict)  # -> {"bits", "group_size"}: quantized in the source
+    quantize: dict = field(default_factory=dict)  # -> {"bits", "group_size"[, "mode"]}: quantized in the output
+    packed: dict = field(default_factory=dict)  # -> {"bits", "group_size"[, "mode"]}: quantized in the source
     loras: dict = field(default_factory=dict)  # -> adapters.Lora fused into the weight
     tuned: dict = field(default_factory=dict)  # parameter name -> its replacement (modules_to_save)
     hf_format: bool = False  # Transformers' names and layouts
@@ -93,8 +96,24 @@ class WeightPlan:
 
 
 def packed_modules(model: Model) -> dict:
-    return {path: {"bits": m.bits, "group_size": m.group_size} for path, m in model.named_modules()
-            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    return {path: {"bits": m.bits, "group_size": m.group_size, **({"mode": m.mode} if m.mode != "affine" else {})}
+            for path, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+
+
+def quantization_default(bits: int | None, group_size: int | None, mode: str) -> dict:
+    """The folder's default settings from --q-bits / --q-group-size / --q-mode (None: the mode's own)."""
+    if mode not in MODES:
+        raise Gemma3nError(f"unknown --q-mode '{mode}' (choose from {', '.join(MODES)})")
+    if mode == "affine":
+        bits, group_size = bits or 4, group_size or 64
+        if bits not in AFFINE_BITS:
+            raise Gemma3nError(f"--q-bits must be one of {', '.join(map(str, AFFINE_BITS))}, got {bits}")
+        if group_size not in AFFINE_GROUP_SIZES:
+            raise Gemma3nError(f"--q-group-size must be one of {', '.join(map(str, AFFINE_GROUP_SIZES))}, got {group_size}")
+    elif (bits or FLOAT_MODES[mode][0], group_size or FLOAT_MODES[mode][1]) != FLOAT_MODES[mode]:
+        own_bits, own_group = FLOAT_MODES[mode]
+        raise Gemma3nError(f"--q-mode {mode} has {own_bits} bits in groups of {own_group}; drop --q-bits / --q-group-size")
+    return module_params(bits or FLOAT_MODES[mode][0], group_size, mode, "the default", "-")
 
 
 def float_config(raw_config: dict, dtype: str) -> dict:
@@ -107,9 +126,10 @@ def convert(
     mlx_path: str,
     dtype: str = "bfloat16",
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
     quant_recipe: str | None = None,
+    q_mode: str = "affine",
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     adapter_path: str | None = None,
@@ -123,14 +143,13 @@ def convert(
     (an MLX folder) stays quantized, its fused layers re-quantized with their settings, unless
     `dequantize`. hf_format: write a Transformers checkpoint instead (float weights, Google's names).
     matformer: write this MatFormer slice of an E4B source (a table name or a JSON spec, see matformer.py).
+    q_bits / q_group_size: affine mode's (default 4 and 64); q_mode: affine or one of MLX's float
+    modes (mxfp4, mxfp8, nvfp4: their own bits and group size).
     """
     if dtype not in COMPUTE_DTYPES:
         raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(COMPUTE_DTYPES)})")
-    if quantize and q_bits not in (4, 8):
-        raise Gemma3nError(f"--q-bits must be 4 or 8, got {q_bits}")
-    if quantize and q_group_size not in (32, 64, 128):
-        raise Gemma3nError(f"--q-group-size must be 32, 64 or 128, got {q_group_size}")
-    recipe = quant_recipe or f"uniform{q_bits}"
+    default = quantization_default(q_bits, q_group_size, q_mode) if quantize else None
+    recipe = quant_recipe or f"uniform{default['bits'] if default else 4}"
     if quantize and recipe not in RECIPES:
         raise Gemma3nError(f"unknown quantization recipe '{recipe}' (choose from {', '.join(RECIPES)})")
     if quantize and hf_format:
@@ -162,10 +181,10 @@ def convert(
 
     block = None
     if quantize:
-        plan.quantize, left_float = quantization_plan(skeleton, recipe, q_group_size)
+        plan.quantize, left_float = quantization_plan(skeleton, recipe, default["group_size"], q_mode)
         for path in left_float:
-            print(f"[convert] {path} stays float: its width does not divide by {q_group_size}", file=sys.stderr)
-        block = config_block(plan.quantize, left_float, recipe, q_bits, q_group_size)
+            print(f"[convert] {path} stays float: its width does not divide into its quantization groups", file=sys.stderr)
+        block = config_block(plan.quantize, left_float, recipe, default)
     elif source_block and not (dequantize or hf_format):
         plan.quantize, block = dict(plan.packed), source_block
 
@@ -211,10 +230,12 @@ class Packed:
     biases: TensorLocation | None
     bits: int
     group_size: int
+    mode: str = "affine"
 
     def dequantized(self, packed: mx.array, start: int, stop: int) -> mx.array:
         biases = None if self.biases is None else read_rows(self.biases, start, stop)
-        return mx.dequantize(packed, read_rows(self.scales, start, stop), biases, group_size=self.group_size, bits=self.bits)
+        return mx.dequantize(packed, read_rows(self.scales, start, stop), biases, group_size=self.group_size,
+                             bits=self.bits, mode=self.mode)
 
 
 def converted(location: TensorLocation, params: dict | None, dtype, packed: Packed | None = None, lora=None) -> dict[str, mx.array]:
@@ -237,12 +258,16 @@ def converted(location: TensorLocation, params: dict | None, dtype, packed: Pack
             chunk = chunk.astype(mx.float32) + lora.delta(slice(start, stop))
         if params:
             # In float32: rounding to `dtype` first would round twice. At 8 bits a bf16 bias is off by
-            # up to half a quantization step (2^-8 of the range), so 8-bit layers keep float32 scales
-            # and biases (0.5 more bit per weight); at 4 bits the step is 16x wider.
-            bits = params["bits"]
-            quantized, scales, biases = mx.quantize(chunk.astype(mx.float32), group_size=params["group_size"], bits=bits)
-            scale_dtype = mx.float32 if bits == 8 else dtype
-            piece = {"weight": quantized, "scales": scales.astype(scale_dtype), "biases": biases.astype(scale_dtype)}
+            # up to half a quantization step (2^-8 of the range), so 8-bit affine layers keep float32
+            # scales and biases (0.5 more bit per weight); at 4 bits the step is 16x wider. The float
+            # modes' scales are uint8 exponents, kept as they are.
+            bits, mode = params["bits"], params.get("mode", "affine")
+            quantized, *extras = mx.quantize(chunk.astype(mx.float32), group_size=params["group_size"], bits=bits, mode=mode)
+            if mode == "affine":
+                scale_dtype = mx.float32 if bits == 8 else dtype
+                piece = {"weight": quantized, "scales": extras[0].astype(scale_dtype), "biases": extras[1].astype(scale_dtype)}
+            else:
+                piece = {"weight": quantized, "scales": extras[0]}
         else:
             floating = dtype is not None and mx.issubdtype(chunk.dtype, mx.floating)
             piece = {"weight": chunk.astype(dtype) if floating else chunk}
