@@ -11,11 +11,13 @@ from typing import Callable
 import mlx.nn as nn
 
 from .errors import Gemma3nError
+from .vision import Conv2d
 
-# AltUp's coefficient and router matrices and LAuReL's rank-64 side path are tiny and sensitive;
-# the vision and audio towers stay float for now (their convolutions must, their linears untried).
+# AltUp's coefficient and router matrices and LAuReL's rank-64 side path are tiny and sensitive.
+# The towers quantize only when asked (`towers=True`): the audio conformer's Linears and the vision
+# tower's pointwise convolutions (vision.Conv2d.to_quantized); their other convolutions stay float.
 FLOAT_SUBMODULES = (".altup.", ".laurel.")
-FLOAT_PREFIXES = ("vision_tower.", "audio_tower.")
+TOWER_PREFIXES = ("vision_tower.", "audio_tower.")
 # MLX's quantization modes: affine has float scales and biases, the others uint8 scales only and a
 # fixed (bits, group size).
 MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
@@ -24,12 +26,10 @@ AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
 
 
-def is_quantizable(path: str, module: nn.Module) -> bool:
-    return (
-        isinstance(module, (nn.Linear, nn.Embedding))
-        and not any(part in f"{path}." for part in FLOAT_SUBMODULES)
-        and not path.startswith(FLOAT_PREFIXES)
-    )
+def is_quantizable(path: str, module: nn.Module, towers: bool = False) -> bool:
+    if path.startswith(TOWER_PREFIXES):
+        return towers and (isinstance(module, nn.Linear) or (isinstance(module, Conv2d) and module.pointwise))
+    return isinstance(module, (nn.Linear, nn.Embedding)) and not any(part in f"{path}." for part in FLOAT_SUBMODULES)
 
 
 def _head_and_attention_at_8(path: str) -> int:
@@ -66,14 +66,16 @@ def module_params(bits: int, group_size: int, mode: str, path: str, recipe: str)
     return {"bits": bits, "group_size": group_size, "mode": chosen}
 
 
-def quantization_plan(model: nn.Module, recipe: str, group_size: int, mode: str = "affine") -> tuple[dict, list[str]]:
-    """({module path: {"bits", "group_size"[, "mode"]}}, paths left float because their width does not divide)."""
+def quantization_plan(model: nn.Module, recipe: str, group_size: int, mode: str = "affine",
+                      towers: bool = False) -> tuple[dict, list[str]]:
+    """({module path: {"bits", "group_size"[, "mode"]}}, paths left float because their width does not
+    divide); `towers`: the towers' Linears and pointwise convolutions too."""
     if recipe not in RECIPES:
         raise Gemma3nError(f"unknown quantization recipe '{recipe}' (choose from {', '.join(RECIPES)})")
     bits_for = RECIPES[recipe]
     plan, left_float = {}, []
     for path, module in model.named_modules():
-        if not is_quantizable(path, module):
+        if not is_quantizable(path, module, towers):
             continue
         params = module_params(bits_for(path), group_size, mode, path, recipe)
         if module.weight.shape[-1] % params["group_size"]:

@@ -78,6 +78,18 @@ class Conv2d(nn.Module):
     def pointwise(self) -> bool:
         return self.kernel == 1 and self.stride == 1
 
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine") -> nn.Module:
+        """A pointwise convolution is a Linear over the channels (the last axis): nn.quantize makes
+        it a QuantizedLinear with the same parameter names (weight, scales, biases, bias)."""
+        if not self.pointwise:
+            raise Gemma3nError(f"only pointwise convolutions quantize, not a {self.kernel}x{self.kernel} one")
+        out_ch, in_ch = self.weight.shape[0], self.weight.shape[-1]
+        linear = nn.Linear(in_ch, out_ch, bias="bias" in self)
+        linear.weight = self.weight.reshape(out_ch, in_ch)
+        if "bias" in self:
+            linear.bias = self.bias
+        return nn.QuantizedLinear.from_linear(linear, group_size, bits, mode=mode)
+
     def padding(self, x: mx.array) -> tuple[list[int], list[int]]:
         (top, bottom), (left, right) = (same_padding(n, self.kernel, self.stride) for n in x.shape[1:3])
         return [top, left], [bottom, right]

@@ -17,13 +17,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_gemma3n.adapters import read_adapter
 from mlx_gemma3n.adapters.reader import HEAD
 from mlx_gemma3n.adapters.switch import EMBEDDING
 from mlx_gemma3n.config import ModelConfig, read_config
 from mlx_gemma3n.errors import Gemma3nError
-from mlx_gemma3n.hf_export import hf_name, torch_layout_fixes
+from mlx_gemma3n.hf_export import TOWER_CLASSES, hf_name, torch_layout_fixes
 from mlx_gemma3n.loader import COMPUTE_DTYPES, check_names, our_name, resolve_model_path, safetensors_names, weight_files
 from mlx_gemma3n.matformer import CutLocation, Slicing, resolve_spec
 from mlx_gemma3n.mapped import SAFETENSORS_DTYPES, TensorLocation, locate, read_header
@@ -80,6 +81,7 @@ class WeightPlan:
     loras: dict = field(default_factory=dict)  # -> adapters.Lora fused into the weight
     tuned: dict = field(default_factory=dict)  # parameter name -> its replacement (modules_to_save)
     hf_format: bool = False  # Transformers' names and layouts
+    float_shapes: dict = field(default_factory=dict)  # parameter name -> its shape in a float model
     multimodal: bool = True
     matformer: Slicing | None = None  # the MatFormer slice written (source tensors cut as they are read)
 
@@ -130,6 +132,7 @@ def convert(
     q_group_size: int | None = None,
     quant_recipe: str | None = None,
     q_mode: str = "affine",
+    q_towers: bool = False,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     adapter_path: str | None = None,
@@ -144,10 +147,13 @@ def convert(
     `dequantize`. hf_format: write a Transformers checkpoint instead (float weights, Google's names).
     matformer: write this MatFormer slice of an E4B source (a table name or a JSON spec, see matformer.py).
     q_bits / q_group_size: affine mode's (default 4 and 64); q_mode: affine or one of MLX's float
-    modes (mxfp4, mxfp8, nvfp4: their own bits and group size).
+    modes (mxfp4, mxfp8, nvfp4: their own bits and group size). q_towers: quantize the audio tower's
+    Linears and the vision tower's pointwise convolutions too.
     """
     if dtype not in COMPUTE_DTYPES:
         raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(COMPUTE_DTYPES)})")
+    if q_towers and not quantize:
+        raise Gemma3nError("--quantize-towers quantizes the towers along with the decoder: add -q")
     default = quantization_default(q_bits, q_group_size, q_mode) if quantize else None
     recipe = quant_recipe or f"uniform{default['bits'] if default else 4}"
     if quantize and recipe not in RECIPES:
@@ -168,6 +174,7 @@ def convert(
         raw_config, found = slicing.sliced_config(raw_config), {slicing.renamed(n) for n in found} - {None}
     towers = tuple(t for t in TOWERS if any(name.startswith(f"{t}.") for name in found))
     skeleton = Model(ModelConfig.from_dict(raw_config), towers=towers if config.is_multimodal else ())  # lazy
+    float_shapes = {name: tuple(value.shape) for name, value in tree_flatten(skeleton.parameters())}
     source_block = raw_config.get("quantization")
     if source_block:
         if quantize:
@@ -175,13 +182,13 @@ def convert(
         quantize_like_checkpoint(skeleton, source_block, found)
     check_names(skeleton, found)
     plan = WeightPlan(COMPUTE_DTYPES[dtype], packed=packed_modules(skeleton), hf_format=hf_format,
-                      multimodal=config.is_multimodal, matformer=slicing)
+                      multimodal=config.is_multimodal, matformer=slicing, float_shapes=float_shapes)
     if adapter_path is not None:
         plan.add_adapter(read_adapter(adapter_path, skeleton))
 
     block = None
     if quantize:
-        plan.quantize, left_float = quantization_plan(skeleton, recipe, default["group_size"], q_mode)
+        plan.quantize, left_float = quantization_plan(skeleton, recipe, default["group_size"], q_mode, q_towers)
         for path in left_float:
             print(f"[convert] {path} stays float: its width does not divide into its quantization groups", file=sys.stderr)
         block = config_block(plan.quantize, left_float, recipe, default)
@@ -257,6 +264,7 @@ def converted(location: TensorLocation, params: dict | None, dtype, packed: Pack
         if lora is not None:
             chunk = chunk.astype(mx.float32) + lora.delta(slice(start, stop))
         if params:
+            chunk = chunk.reshape(chunk.shape[0], -1)  # a pointwise convolution's (O, I, 1, 1): a matrix
             # In float32: rounding to `dtype` first would round twice. At 8 bits a bf16 bias is off by
             # up to half a quantization step (2^-8 of the range), so 8-bit affine layers keep float32
             # scales and biases (0.5 more bit per weight); at 4 bits the step is 16x wider. The float
@@ -292,14 +300,29 @@ def source_locations(files: list[Path], config: ModelConfig) -> dict[str, Tensor
     return locations
 
 
-def layout_fixes(locations: dict[str, TensorLocation]) -> dict[str, tuple[int, ...]]:
-    """The towers' tensors stored in MLX layout, with the transposes back to PyTorch's."""
+def layout_fixes(locations: dict[str, TensorLocation], unpacked_shapes: dict) -> dict[str, tuple[int, ...]]:
+    """The towers' tensors stored in MLX layout, with the transposes back to PyTorch's (a packed
+    convolution by the shape it is written in once dequantized)."""
     fixes = {}
     for tower in TOWERS:
-        shapes = {n[len(tower) + 1 :]: loc.shape for n, loc in locations.items() if n.startswith(f"{tower}.")}
+        shapes = {n[len(tower) + 1 :]: unpacked_shapes.get(n, loc.shape) for n, loc in locations.items() if n.startswith(f"{tower}.")}
         if shapes:
             fixes.update({f"{tower}.{n}": axes for n, axes in torch_layout_fixes(tower, shapes).items()})
     return fixes
+
+
+def towers_in_torch_layout(locations: dict[str, TensorLocation]) -> bool:
+    """Whether the source stores the vision tower's convolutions in PyTorch's layout (a Transformers
+    checkpoint, or our folders, which keep it), as the tower's `sanitize` decides on stand-ins."""
+    stand_ins = {n: mx.zeros(loc.shape) for n, loc in locations.items() if n.startswith("vision_tower.") and len(loc.shape) == 4}
+    canonical = TOWER_CLASSES["vision_tower"].sanitize(stand_ins)
+    return any(canonical[n] is not stand_in for n, stand_in in stand_ins.items())
+
+
+def conv_shape(mlx_shape: tuple, torch_layout: bool) -> tuple:
+    """A convolution weight's shape (O, kH, kW, I) in MLX layout, or (O, I, kH, kW) in PyTorch's."""
+    out_ch, height, width, in_ch = mlx_shape
+    return (out_ch, in_ch, height, width) if torch_layout else mlx_shape
 
 
 def write_weights(files: list[Path], config: ModelConfig, plan: WeightPlan, writer: ShardWriter) -> None:
@@ -308,7 +331,12 @@ def write_weights(files: list[Path], config: ModelConfig, plan: WeightPlan, writ
     locations = source_locations(files, config)
     if plan.matformer:
         locations = plan.matformer.apply(locations, lambda name, location, cut: CutLocation(location, cut))
-    fixes = layout_fixes(locations) if plan.hf_format else {}
+    torch_towers = towers_in_torch_layout(locations)
+    unpacked_shapes = {  # packed pointwise convolutions, once dequantized
+        name: conv_shape(plan.float_shapes[name], torch_towers) for name in locations
+        if name.rpartition(".")[0] in plan.packed and len(plan.float_shapes.get(name, ())) == 4
+    }
+    fixes = layout_fixes(locations, unpacked_shapes) if plan.hf_format else {}
     for name, location in locations.items():
         module_path, _, kind = name.rpartition(".")
         source, lora, params = plan.packed.get(module_path), plan.loras.get(module_path), plan.quantize.get(module_path)
@@ -321,6 +349,8 @@ def write_weights(files: list[Path], config: ModelConfig, plan: WeightPlan, writ
         else:
             packed = Packed(locations[f"{module_path}.scales"], locations.get(f"{module_path}.biases"), **source) if source else None
             outputs = converted(location, params if kind == "weight" else None, plan.dtype, packed, lora if kind == "weight" else None)
+            if packed and not params and name in unpacked_shapes:
+                outputs["weight"] = outputs["weight"].reshape(unpacked_shapes[name])
         main = outputs.pop("weight")
         writer.add(plan.output_name(name), main.transpose(fixes[name]) if name in fixes else main)
         for extra, tensor in outputs.items():
