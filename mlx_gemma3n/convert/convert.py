@@ -30,7 +30,7 @@ from mlx_gemma3n.matformer import CutLocation, Slicing, resolve_spec
 from mlx_gemma3n.mapped import SAFETENSORS_DTYPES, TensorLocation, locate, read_header
 from mlx_gemma3n.model import TOWERS, Model
 from mlx_gemma3n.quantization import (
-    AFFINE_BITS, AFFINE_GROUP_SIZES, FLOAT_MODES, MODES, RECIPES, config_block, module_params, quantization_plan,
+    AFFINE_BITS, AFFINE_GROUP_SIZES, FLOAT_MODES, MODES, RECIPES, config_block, quantization_plan,
     quantize_like_checkpoint,
 )
 
@@ -112,10 +112,11 @@ def quantization_default(bits: int | None, group_size: int | None, mode: str) ->
             raise Gemma3nError(f"--q-bits must be one of {', '.join(map(str, AFFINE_BITS))}, got {bits}")
         if group_size not in AFFINE_GROUP_SIZES:
             raise Gemma3nError(f"--q-group-size must be one of {', '.join(map(str, AFFINE_GROUP_SIZES))}, got {group_size}")
-    elif (bits or FLOAT_MODES[mode][0], group_size or FLOAT_MODES[mode][1]) != FLOAT_MODES[mode]:
-        own_bits, own_group = FLOAT_MODES[mode]
+        return {"bits": bits, "group_size": group_size}
+    own_bits, own_group = FLOAT_MODES[mode]
+    if (bits or own_bits, group_size or own_group) != (own_bits, own_group):
         raise Gemma3nError(f"--q-mode {mode} has {own_bits} bits in groups of {own_group}; drop --q-bits / --q-group-size")
-    return module_params(bits or FLOAT_MODES[mode][0], group_size, mode, "the default", "-")
+    return {"bits": own_bits, "group_size": own_group, "mode": mode}
 
 
 def float_config(raw_config: dict, dtype: str) -> dict:
