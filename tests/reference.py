@@ -34,6 +34,7 @@ build_checkpoint(path, text=TINY_TEXT_A, seed=0, multimodal=True,
                  torch_dtype=torch.float32, keep_shared_kv=False,
                  with_tokenizer=True, config_style="transformers") -> model
 load_reference_model(path, torch_dtype=torch.float32) -> model
+float64_throughout() -> context manager: a float64 model computes in float64 end to end
 build_tokenizer(path) -> transformers tokenizer
 make_config(text=TINY_TEXT_A, multimodal=True) -> Gemma3nConfig | Gemma3nTextConfig
 randomize_parameters(model, seed=0) -> None
@@ -47,6 +48,7 @@ reference_greedy(model, input_ids, max_new_tokens, stop_at_eos=True, **generate_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -56,6 +58,7 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 # ---------------------------------------------------------------------------
 # torchvision op-schema work-around (implementation lives in
@@ -672,6 +675,24 @@ def load_reference_model(path: str | os.PathLike, torch_dtype: torch.dtype = tor
     cfg = AutoConfig.from_pretrained(str(path))
     cls = Gemma3nForConditionalGeneration if cfg.model_type == "gemma3n" else Gemma3nForCausalLM
     return cls.from_pretrained(str(path), dtype=torch_dtype).eval()
+
+
+@contextlib.contextmanager
+def float64_throughout():
+    """Transformers' Gemma 3n upcasts to float32 in its norms, rotary angles, softmaxes and loss
+    (`.float()`, `softmax(dtype=torch.float32)`): a float64 model still rounds to float32 there. Within
+    this context those upcasts leave float64 tensors as they are, so a float64 model computes the exact
+    result that float32 runs (ours and torch's) are measured against."""
+    upcast, softmax = torch.Tensor.float, torch.nn.functional.softmax
+
+    def keep_float64(tensor, *args, **kwargs):
+        return tensor if tensor.dtype == torch.float64 else upcast(tensor, *args, **kwargs)
+
+    def softmax_keeping_float64(x, *args, dtype=None, **kwargs):
+        return softmax(x, *args, dtype=None if x.dtype == torch.float64 else dtype, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "float", keep_float64), mock.patch.object(torch.nn.functional, "softmax", softmax_keeping_float64):
+        yield
 
 
 # ---------------------------------------------------------------------------

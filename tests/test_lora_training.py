@@ -1,13 +1,15 @@
 """LoRA / QLoRA training against Transformers + PEFT + torch.optim, float32, tiny random checkpoints.
 
 Both sides start from the same random adapter made by PEFT (every matrix random: B too), train on
-the same lines, and are compared on the loss and on the adapter weights after the step(s). The
+the same lines, and are compared on the loss and on the adapter weights after the step(s) (one SGD
+step's matrices also against the same reference run in float64, the exact step). The
 labels on the torch side are built the way Transformers' recipes build them (the prompt's tokens
 and the media soft tokens set to -100), from Transformers' own tokenizer and processor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import soundfile
 import torch
 from helpers import relative_error
 from PIL import Image
-from reference import AUDIO_TOKEN_ID, EOS_ID, IMAGE_TOKEN_ID, load_reference_model, reference_logits
+from reference import AUDIO_TOKEN_ID, EOS_ID, IMAGE_TOKEN_ID, float64_throughout, load_reference_model, reference_logits
 from test_adapters import ids as prompt_ids, make_adapter, our_logits, quantized_base  # noqa: F401 (fixture)
 from test_multimodal import hf_processor, media  # noqa: F401 (fixtures)
 
@@ -122,20 +124,24 @@ def padded(examples: list[dict]) -> dict:
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
 
 
-def torch_training(base_path, adapter, batch: dict, optimizer: str, lr: float, steps: int, eps: float = 1e-8):
-    """(per-step losses, adapter tensors under PEFT's names) of Transformers + PEFT + torch.optim."""
+def torch_training(base_path, adapter, batch: dict, optimizer: str, lr: float, steps: int, eps: float = 1e-8, exact: bool = False):
+    """(per-step losses, adapter tensors under PEFT's names) of Transformers + PEFT + torch.optim, in
+    float32, or with `exact` in float64 throughout (`float64_throughout`)."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    model = PeftModel.from_pretrained(load_reference_model(base_path), str(adapter), is_trainable=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr, eps=eps)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    dtype = torch.float64 if exact else torch.float32
+    with float64_throughout() if exact else contextlib.nullcontext():
+        model = PeftModel.from_pretrained(load_reference_model(base_path, dtype), str(adapter), is_trainable=True).to(dtype)
+        batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr, eps=eps)
+        losses = []
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
     return losses, {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
 
 
@@ -156,14 +162,23 @@ def dataset(base_path, path, **options):
     return load_dataset(path, Tokenizer(processor, **options))
 
 
-def assert_adapters_equal(ours: dict, theirs: dict, start: dict):
-    assert set(ours) == set(theirs) == set(start)
-    for name in theirs:
-        assert relative_error(ours[name], theirs[name]) <= TOLERANCE, name
-    ours_delta = np.concatenate([np.ravel(np.array(ours[n]) - np.array(start[n])) for n in theirs])
-    theirs_delta = np.concatenate([np.ravel(theirs[n] - np.array(start[n])) for n in theirs])
-    assert np.abs(theirs_delta).max() > 1e-3  # the step moved the weights
-    assert relative_error(ours_delta, theirs_delta) <= TOLERANCE
+def assert_adapters_equal(ours: dict, theirs: dict, start: dict, exact: dict):
+    """The issue's measure: the adapter after the step, and the step itself, each as one tensor, within
+    TOLERANCE of torch's float32 run. Matrix by matrix, ours is held to the exact (float64) step instead:
+    on this random model a float32 run lands up to ~6e-5 from it on some matrices (torch's own worst:
+    6.1e-5, layer 0's q_proj on the audio line), so two float32 runs that are both right can differ by
+    more than 1e-4 on one matrix."""
+    assert set(ours) == set(theirs) == set(start) == set(exact)
+    names = sorted(theirs)
+    for name in names:
+        assert relative_error(ours[name], exact[name]) <= TOLERANCE, name
+
+    def whole(weights, minus=None):
+        return np.concatenate([np.ravel(np.array(weights[n]) - (0.0 if minus is None else np.array(minus[n]))) for n in names])
+
+    assert np.abs(whole(theirs, start)).max() > 1e-3  # the step moved the weights
+    assert relative_error(whole(ours), whole(theirs)) <= TOLERANCE
+    assert relative_error(whole(ours, start), whole(theirs, start)) <= TOLERANCE
 
 
 # ---- tests --------------------------------------------------------------------------------------
@@ -181,10 +196,11 @@ def test_one_sgd_step_equals_peft(tiny_ckpt_a, tiny_tokenizer, hf_processor, med
     batch = padded([theirs]) if kind in ("text", "chat") else theirs
     start = dict(mx.load(str(start_adapter / "adapter_model.safetensors")))
     their_losses, their_weights = torch_training(tiny_ckpt_a.path, start_adapter, batch, "sgd", 0.5, 1)
+    _, exact_weights = torch_training(tiny_ckpt_a.path, start_adapter, batch, "sgd", 0.5, 1, exact=True)
     our_losses, our_weights = our_training(tiny_ckpt_a.path, start_adapter, data, tmp_path / "out", optimizer="sgd",
                                            learning_rate=0.5, iters=1, batch_size=1, chunk_tokens=5)  # several LM-head chunks
     assert abs(our_losses[0] - their_losses[0]) <= LOSS_TOLERANCE * abs(their_losses[0])
-    assert_adapters_equal(our_weights, their_weights, start)
+    assert_adapters_equal(our_weights, their_weights, start, exact_weights)
 
 
 @pytest.fixture(scope="module")
