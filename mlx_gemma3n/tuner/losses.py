@@ -3,9 +3,9 @@ the cross entropies over the labelled positions (label != -100), on the soft-cap
 to float32.
 
 The logits never exist for all tokens at once: only the labelled positions' final hidden states go
-through the LM head, in chunks, each under `mx.checkpoint` so the backward recomputes one chunk's
-logits at a time instead of holding every chunk's. A chunk of 64 tokens over Gemma 3n's 262k vocab
-is 67 MB of float32 logits, and the soft-cap and softmax keep a few such arrays alive at once.
+through the LM head, in chunks, one chunk's logits alive at a time, in the forward and in the
+backward (which recomputes them). A chunk of 64 tokens over Gemma 3n's 262k vocab is 67 MB of
+float32 logits, and the soft-cap and softmax keep a few such arrays alive at once.
 """
 
 from __future__ import annotations
@@ -26,15 +26,36 @@ def targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def chunk_cross_entropy(model):
-    """sum over a chunk of -log softmax(logits)[label], checkpointed: the chunk's logits are
-    recomputed in the backward pass."""
+    """(hidden, labels, after) -> sum over the chunk of -log softmax(logits)[label].
+
+    `after` (the sum of the chunks before) only orders the work: the chunk's logits are computed once
+    it exists. The backward recomputes the logits once the chunk's cotangent exists and hands `after`
+    a zero cotangent that exists only once this chunk's gradient does, so the chunks' backward passes
+    also run one after another. Without that order MLX is free to compute every chunk's logits
+    before it reduces any of them (a QLoRA step of E2B at 192 tokens: 2.87 GB peak, 2.21 in this
+    order). The LM head is the frozen tied embedding: the hidden states' gradient is the only one."""
 
     def cross_entropy(hidden: mx.array, labels: mx.array) -> mx.array:
         logits = model.logits(hidden).astype(mx.float32)
         picked = mx.take_along_axis(logits, mx.stop_gradient(labels)[:, None], axis=-1)[:, 0]
         return mx.sum(mx.logsumexp(logits, axis=-1) - picked)
 
-    return mx.checkpoint(cross_entropy)
+    hidden_gradient = mx.grad(cross_entropy)
+
+    @mx.custom_function
+    def ordered(hidden: mx.array, labels: mx.array, after: mx.array) -> mx.array:
+        (hidden,) = mx.depends([hidden], [after])
+        return cross_entropy(hidden, labels)
+
+    @ordered.vjp
+    def ordered_vjp(primals, cotangent, output):
+        hidden, labels, after = primals
+        (hidden,) = mx.depends([hidden], [cotangent])
+        gradient = hidden_gradient(hidden, labels) * cotangent
+        (after_cotangent,) = mx.depends([mx.zeros_like(after)], [gradient])
+        return gradient, mx.zeros_like(labels), after_cotangent
+
+    return ordered
 
 
 def summed_loss(model, hidden: mx.array, labels: np.ndarray, chunk_tokens: int = CHUNK_TOKENS) -> tuple[mx.array, int]:
@@ -45,7 +66,7 @@ def summed_loss(model, hidden: mx.array, labels: np.ndarray, chunk_tokens: int =
     cross_entropy = chunk_cross_entropy(model)
     total = mx.array(0.0, dtype=mx.float32)
     for start in range(0, len(positions), chunk_tokens):
-        total = total + cross_entropy(flat[start : start + chunk_tokens], wanted[start : start + chunk_tokens])
+        total = total + cross_entropy(flat[start : start + chunk_tokens], wanted[start : start + chunk_tokens], total)
     return total, len(positions)
 
 
