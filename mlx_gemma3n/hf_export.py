@@ -28,16 +28,23 @@ def to_torch_axes(tower: str, name: str, ndim: int) -> tuple[int, ...] | None:
     return None
 
 
-def torch_layout_fixes(tower: str, shapes: dict[str, tuple]) -> dict[str, tuple[int, ...]]:
-    """For a tower's tensors (names relative to it, with their shapes in the source files): the
-    transposes that bring those stored in MLX layout to PyTorch's. The tower's own `sanitize`
-    transposes exactly the ones stored in PyTorch layout; it runs on shape-only (lazy) stand-ins."""
+def stored_in_torch_layout(tower: str, shapes: dict[str, tuple]) -> set[str]:
+    """Which of a tower's tensors (names relative to it, with their shapes in the source files) are
+    stored in PyTorch's layout: those the tower's own `sanitize` transposes, run on shape-only (lazy)
+    stand-ins."""
     stand_ins = {name: mx.zeros(shape) for name, shape in shapes.items()}
     canonical = TOWER_CLASSES[tower].sanitize(stand_ins)
+    return {name for name, stand_in in stand_ins.items() if canonical[name] is not stand_in}
+
+
+def torch_layout_fixes(tower: str, shapes: dict[str, tuple]) -> dict[str, tuple[int, ...]]:
+    """For a tower's tensors (names relative to it, with their shapes in the source files): the
+    transposes that bring those stored in MLX layout to PyTorch's."""
+    in_torch_layout = stored_in_torch_layout(tower, shapes)
     fixes = {}
-    for name, stand_in in stand_ins.items():
-        axes = to_torch_axes(tower, name, stand_in.ndim)
-        if axes is not None and canonical[name] is stand_in:
+    for name, shape in shapes.items():
+        axes = to_torch_axes(tower, name, len(shape))
+        if axes is not None and name not in in_torch_layout:
             fixes[name] = axes
     return fixes
 

@@ -24,7 +24,7 @@ from mlx_gemma3n.adapters.reader import HEAD
 from mlx_gemma3n.adapters.switch import EMBEDDING
 from mlx_gemma3n.config import ModelConfig, read_config
 from mlx_gemma3n.errors import Gemma3nError
-from mlx_gemma3n.hf_export import TOWER_CLASSES, hf_name, torch_layout_fixes
+from mlx_gemma3n.hf_export import hf_name, stored_in_torch_layout, torch_layout_fixes
 from mlx_gemma3n.loader import COMPUTE_DTYPES, check_names, our_name, resolve_model_path, safetensors_names, weight_files
 from mlx_gemma3n.matformer import CutLocation, Slicing, resolve_spec
 from mlx_gemma3n.mapped import SAFETENSORS_DTYPES, TensorLocation, locate, read_header
@@ -81,7 +81,7 @@ class WeightPlan:
     loras: dict = field(default_factory=dict)  # -> adapters.Lora fused into the weight
     tuned: dict = field(default_factory=dict)  # parameter name -> its replacement (modules_to_save)
     hf_format: bool = False  # Transformers' names and layouts
-    float_shapes: dict = field(default_factory=dict)  # parameter name -> its shape in a float model
+    conv_shapes: dict = field(default_factory=dict)  # 4-D parameter name -> its shape in a float model (MLX layout)
     multimodal: bool = True
     matformer: Slicing | None = None  # the MatFormer slice written (source tensors cut as they are read)
 
@@ -175,7 +175,7 @@ def convert(
         raw_config, found = slicing.sliced_config(raw_config), {slicing.renamed(n) for n in found} - {None}
     towers = tuple(t for t in TOWERS if any(name.startswith(f"{t}.") for name in found))
     skeleton = Model(ModelConfig.from_dict(raw_config), towers=towers if config.is_multimodal else ())  # lazy
-    float_shapes = {name: tuple(value.shape) for name, value in tree_flatten(skeleton.parameters())}
+    conv_shapes = {name: tuple(value.shape) for name, value in tree_flatten(skeleton.parameters()) if value.ndim == 4}
     source_block = raw_config.get("quantization")
     if source_block:
         if quantize:
@@ -183,7 +183,7 @@ def convert(
         quantize_like_checkpoint(skeleton, source_block, found)
     check_names(skeleton, found)
     plan = WeightPlan(COMPUTE_DTYPES[dtype], packed=packed_modules(skeleton), hf_format=hf_format,
-                      multimodal=config.is_multimodal, matformer=slicing, float_shapes=float_shapes)
+                      multimodal=config.is_multimodal, matformer=slicing, conv_shapes=conv_shapes)
     if adapter_path is not None:
         plan.add_adapter(read_adapter(adapter_path, skeleton))
 
@@ -314,10 +314,10 @@ def layout_fixes(locations: dict[str, TensorLocation], unpacked_shapes: dict) ->
 
 def towers_in_torch_layout(locations: dict[str, TensorLocation]) -> bool:
     """Whether the source stores the vision tower's convolutions in PyTorch's layout (a Transformers
-    checkpoint, or our folders, which keep it), as the tower's `sanitize` decides on stand-ins."""
-    stand_ins = {n: mx.zeros(loc.shape) for n, loc in locations.items() if n.startswith("vision_tower.") and len(loc.shape) == 4}
-    canonical = TOWER_CLASSES["vision_tower"].sanitize(stand_ins)
-    return any(canonical[n] is not stand_in for n, stand_in in stand_ins.items())
+    checkpoint, or our folders, which keep it)."""
+    prefix = "vision_tower."
+    shapes = {n[len(prefix) :]: loc.shape for n, loc in locations.items() if n.startswith(prefix) and len(loc.shape) == 4}
+    return bool(stored_in_torch_layout("vision_tower", shapes))
 
 
 def conv_shape(mlx_shape: tuple, torch_layout: bool) -> tuple:
@@ -334,8 +334,8 @@ def write_weights(files: list[Path], config: ModelConfig, plan: WeightPlan, writ
         locations = plan.matformer.apply(locations, lambda name, location, cut: CutLocation(location, cut))
     torch_towers = towers_in_torch_layout(locations)
     unpacked_shapes = {  # packed pointwise convolutions, once dequantized
-        name: conv_shape(plan.float_shapes[name], torch_towers) for name in locations
-        if name.rpartition(".")[0] in plan.packed and len(plan.float_shapes.get(name, ())) == 4
+        name: conv_shape(plan.conv_shapes[name], torch_towers) for name in locations
+        if name in plan.conv_shapes and name.rpartition(".")[0] in plan.packed
     }
     fixes = layout_fixes(locations, unpacked_shapes) if plan.hf_format else {}
     for name, location in locations.items():
