@@ -10,6 +10,7 @@ heads (with their query heads).
 """
 
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,16 +22,17 @@ from .vision import Conv2d
 # saves (measured: a 64 x 256 matvec slows from 0.06 to 0.09 ms when split, 1024 x 256 speeds up).
 MIN_PART_WORK = 1 << 18
 
-_streams: list = []
+_per_thread = threading.local()  # MLX streams belong to the thread that made them
 
 
 def cpu_streams() -> list:
     """One stream per core this process may run on: the caller's (None), then new ones (created
-    once). Keeping the first part on the caller's stream measured faster than a new stream for it."""
-    if not _streams:
+    once per thread). Keeping the first part on the caller's stream measured faster than a new
+    stream for it."""
+    if not hasattr(_per_thread, "streams"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _streams.extend([None] + [mx.new_stream(mx.cpu) for _ in range(cores - 1)])
-    return _streams
+        _per_thread.streams = [None] + [mx.new_stream(mx.cpu) for _ in range(cores - 1)]
+    return _per_thread.streams
 
 
 def split_rows(x: mx.array, rows: int, matmul) -> mx.array:

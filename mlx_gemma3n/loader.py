@@ -184,20 +184,24 @@ def map_table(model: Model, mapped: dict[str, TensorLocation], dtype, columns: d
     model.language_model.embed_tokens_per_layer = MappedEmbedding(mapped, dtype=dtype, columns=columns, **quantization)
 
 
-def adapt_to_cpu(model: Model, dtype) -> None:
+def adapt_to_cpu(model: Model, dtype, batched: bool = False) -> None:
     """MLX's CPU backend runs a matmul on one core, and slowly outside float32; Metal needs none of
     this. The matmuls are split over the cores (`cpu_split`), and:
     - quantized models compute in float32: the CPU quantized matmul is ~10x faster with float32
       activations than with bf16 (measured: 42 vs 403 ms for a 262400 x 256 int4 matvec);
-    - a bf16/fp16 tied embedding is held in float32: its LM-head matvec, the largest of a decode step,
-      runs 1.7x faster so (measured: 70 vs 122 ms for 262400 x 512) for the table's size in memory.
-      Looked-up rows are cast back to the weights' dtype, so the decoder sees the same numbers."""
+    - unless `batched` (several sequences decode in one step: the server), a bf16/fp16 tied embedding
+      is held in float32: its LM-head matvec, the largest of a decode step, runs 1.7x faster so
+      (measured: 70 vs 122 ms for 262400 x 512) for the table's size in memory. Looked-up rows are
+      cast back to the weights' dtype, so the decoder sees the same numbers. The float32 matmul (the
+      reference BLAS) costs B rows B times one, where the bf16 one batches (262400 x 256, B = 1 / 4 /
+      8: float32 57 / 227 / 442 ms, bf16 62 / 130 / 191), so a batched model keeps the bf16 table and
+      its logits are bf16, as on Metal."""
     if mx.default_device().type != mx.DeviceType.cpu:
         return
     table = model.language_model.embed_tokens
     if model.config.quantization and dtype is None:
         model.activation_dtype = mx.float32
-    elif type(table) is nn.Embedding and table.weight.dtype in (mx.bfloat16, mx.float16):
+    elif not batched and type(table) is nn.Embedding and table.weight.dtype in (mx.bfloat16, mx.float16):
         model.activation_dtype = table.weight.dtype
         table.weight = table.weight.astype(mx.float32)
     split_over_cores(model)
@@ -220,9 +224,10 @@ def text_part(config: ModelConfig) -> ModelConfig:
     return replace(config, model_type="gemma3n_text", vision=None, audio=None, vision_tower={}, audio_tower={})
 
 
-def load_model(model_dir: Path, dtype=None, matformer=None) -> Model:
+def load_model(model_dir: Path, dtype=None, matformer=None, batched: bool = False) -> Model:
     """matformer: a MatFormer slice (a name from its table or a JSON spec, see matformer.py) cut from
-    the folder's weights as they are read."""
+    the folder's weights as they are read. batched: the model will decode several sequences per step
+    (see `adapt_to_cpu`)."""
     config = load_config(model_dir)
     weights, towers, mapped = read_weights(model_dir, config)
     table_columns = None
@@ -247,7 +252,7 @@ def load_model(model_dir: Path, dtype=None, matformer=None) -> Model:
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
-    adapt_to_cpu(model, dtype)
+    adapt_to_cpu(model, dtype, batched)
     model.eval()
     # The towers' weights stay in their files until an image or a clip needs them (mx.load is lazy).
     mx.eval([v for k, v in tree_flatten(model.parameters()) if not k.startswith(TOWERS)])

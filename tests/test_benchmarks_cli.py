@@ -1,5 +1,6 @@
 """The benchmark harness end to end on its CI-sized `tiny` shape (`python -m benchmarks --device cpu
---quick`), and the launch counter (`python -m benchmarks.launches`) on a graph whose kernels are known."""
+--quick`), the batched-step split (`python -m benchmarks.batched_step`), and the launch counter
+(`python -m benchmarks.launches`) on a graph whose kernels are known."""
 
 import re
 import subprocess
@@ -35,6 +36,14 @@ def test_quick_cpu_run_prints_each_runtime_row(tmp_path):
             ours, peer, ratio = table_row(section, label)
             assert float(ours) > 0 and float(peer) > 0 and re.fullmatch(r"\d+\.\d\dx", ratio), (label, ours, peer, ratio)
         assert "failed" not in section
+
+
+def test_batched_step_splits_each_layout_and_times_the_peer():
+    out = run_module(["benchmarks.batched_step", "--shape", "tiny", "--rows", "1", "2", "--steps", "1", "--prompt", "8"])
+    for layout in ("single-stream layout (float32 table)", "batched layout (bf16 table)"):
+        for part in ("whole step", "decoder body", "LM head"):
+            assert all(float(ms) > 0 for ms in table_row(out, f"ours, {layout}, {part}")), (layout, part)
+    assert all(float(ms) > 0 for ms in table_row(out, "mlx-lm, whole step"))
 
 
 def test_a_fast_kernel_counts_once_and_a_compiled_region_once():

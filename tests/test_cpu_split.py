@@ -19,8 +19,23 @@ from mlx_gemma3n.vision import Conv2d
 @pytest.fixture
 def three_streams(monkeypatch):
     """Three parts for any work, whatever the machine's core count."""
-    monkeypatch.setattr(cpu_split, "_streams", [None, mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)])
+    monkeypatch.setattr(cpu_split._per_thread, "streams", [None, mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)], raising=False)
     monkeypatch.setattr(cpu_split, "MIN_PART_WORK", 1)
+
+
+def test_each_thread_splits_on_streams_of_its_own(three_streams):
+    """MLX streams belong to the thread that made them: a model used from a second thread (the
+    server's worker loads it, a caller may run it elsewhere) gets that thread's streams."""
+    import threading
+
+    weight, x = mx.random.normal((64, 16)), mx.random.normal((3, 16))
+    expected = x @ weight.T
+    mx.eval(weight, x, expected)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(mx.array_equal(cpu_split.split_dense_matmul(x, weight), expected).item()))
+    worker.start()
+    worker.join()
+    assert results == [True]
 
 
 def test_rows_are_shared_once_over_the_streams(three_streams):
@@ -37,7 +52,7 @@ def test_rows_are_shared_once_over_the_streams(three_streams):
 
 
 def test_small_work_stays_whole(monkeypatch):
-    monkeypatch.setattr(cpu_split, "_streams", [None, mx.new_stream(mx.cpu)])
+    monkeypatch.setattr(cpu_split._per_thread, "streams", [None, mx.new_stream(mx.cpu)], raising=False)
     calls = []
 
     def matmul(rows, stream):

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile
@@ -351,3 +352,45 @@ def test_a_full_queue_answers_429(loaded):
     with pytest.raises(ApiError) as refused:
         engine.submit(Job(None, print))
     assert refused.value.status == 429
+
+
+def test_bf16_batch_rows_equal_their_single_request_output(checkpoint):
+    """The server loads `batched`: on CPU a bf16 tied table stays bf16 (its matmul batches; the float32
+    one costs B rows B times one), and each row of a batched bf16 step is the one it gets alone."""
+    import threading
+
+    from mlx_gemma3n.loader import load_model
+    from mlx_gemma3n.processor import Processor
+    from mlx_gemma3n.server.engine import Engine, Job
+    from mlx_gemma3n.server.media import MediaLimits
+    from mlx_gemma3n.server.requests import RequestContext, parse_completion
+
+    processor = Processor(checkpoint)
+    engine = Engine(lambda: load_model(checkpoint, dtype="bfloat16", batched=True), processor, max_batch=4)
+    model = engine.start()
+    assert model.language_model.embed_tokens.weight.dtype == mx.bfloat16
+    context = RequestContext(processor, "m", (), MediaLimits(), 4096, 16, None)
+    prompts = ["Once upon a time", "the quick brown fox jumps over", "A", "tell me about the lazy dog and the sea"]
+    replies = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+
+    def collector(i):
+        def deliver(delta):
+            replies[i].append(delta)
+            if delta.finish_reason or delta.error:
+                done[i].set()
+        return deliver
+
+    requests = [parse_completion({"model": "m", "prompt": p, "max_tokens": 12 + i, "temperature": 0}, context)
+                for i, p in enumerate(prompts)]
+    for i, request in enumerate(requests):
+        engine.submit(Job(request, collector(i)))
+    try:
+        assert all(event.wait(STARTUP_DEADLINE_S) for event in done)
+    finally:
+        engine.stop()
+    single = load_model(checkpoint, dtype="bfloat16", batched=True)
+    for i, prompt in enumerate(prompts):
+        assert not any(delta.error for delta in replies[i]), replies[i][-1].error
+        expected = "".join(r.text for r in stream_generate(single, processor, processor.encode(prompt), 12 + i, temperature=0.0))
+        assert "".join(delta.text for delta in replies[i]) == expected, f"prompt {i}"

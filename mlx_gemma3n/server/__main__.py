@@ -60,7 +60,7 @@ def serve(args: argparse.Namespace) -> None:
     processor = Processor(model_dir)
 
     def load_in_engine():
-        model = load_model(model_dir, dtype=args.dtype, matformer=args.matformer)
+        model = load_model(model_dir, dtype=args.dtype, matformer=args.matformer, batched=args.max_batch > 1)
         for name, path in adapters:
             model.load_adapter(path, name)
         if adapters:
