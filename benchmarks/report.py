@@ -59,13 +59,20 @@ def table(case: dict) -> list[str]:
     return lines
 
 
+WEIGHTS_NOTE = {
+    "bf16": "random bf16 weights, the same checkpoint for both",
+    "int4": "each runtime's own int4 (affine, group 64) conversion of the same random checkpoint, towers "
+            "quantized too (ours: `--quantize-towers`, 8 bits; mlx-vlm: its converter's choice)",
+}
+
+
 def media_note(case: dict) -> str:
     runs = [run for runs in case["runs"].values() for run in runs if "error" not in run]
     tokens = {kind: sorted({run.get(f"{kind}_prompt_tokens") for run in runs}) for kind in ("image", "audio")}
     finite = all(run.get(f"{kind}_soft_tokens_finite", True) for run in runs for kind in ("image", "audio"))
     return ("`small` text decoder, the real MobileNet v5 vision tower on a 640 x 480 PNG resized to 256 x 256 "
             "(768 in the real model: ~9x the vision work), the real audio tower cut to 2 of its 12 conformer "
-            "layers on a 10 s 16 kHz clip; random bf16 weights, the same checkpoint for both. After a 16-token "
+            f"layers on a 10 s 16 kHz clip; {WEIGHTS_NOTE[case['dtype']]}. After a 16-token "
             "text warm-up, per kind: the encode alone (tower + embedder on preprocessed input, its first call), "
             "then time to first token of a one-turn chat prompt with the media and `describe` (media "
             f"preprocessing included; prompt tokens: image {tokens['image']}, audio {tokens['audio']}); MLX peak "

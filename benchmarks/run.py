@@ -8,8 +8,9 @@ CPU backend takes minutes per prompt at real width), memory and load time on the
 shapes (short prompt, few tokens); bf16 and int4 g64. GPU: real shapes, full token counts. `--quick`:
 `small` only, shorter prompt and decode (CPU) / E2B only (GPU). `--shapes tiny`: a CI-sized shape
 (checkpoints.tiny_text) on either device, for checking the harness end to end. Media (ours, mlx-vlm): image and audio
-encode time and time to first token on `small-mm` (`small` text, real vision tower at a 256 x 256
-image, 2-layer audio tower; see checkpoints.py), one run each with `--quick`. Checkpoints and conversions are
+encode time, time to first token and MLX peak on `small-mm` (`small` text, real vision tower at a 256 x 256
+image, 2-layer audio tower; see checkpoints.py), bf16 and int4 (towers quantized too: runtimes.py),
+one run each with `--quick`. Checkpoints and conversions are
 cached in benchmarks/cache/ ($BENCH_CACHE); tables go to benchmarks/results/latest.md and latest.json
 (`--out`) and are printed.
 
@@ -61,7 +62,7 @@ def plan(device: str, quick: bool) -> list[tuple[str, str, str, Setting]]:
     if device == "gpu":
         return [(s, d, "timing", TIMING) for s in (("e2b",) if quick else ("e2b", "e4b")) for d in dtypes] + tiny
     cases = tiny + [("small", d, "timing", timing) for d in dtypes]
-    cases += [("small-mm", "bf16", "media", MEDIA_SETTING)]
+    cases += [("small-mm", d, "media", MEDIA_SETTING) for d in dtypes]
     return cases + ([] if quick else [(s, d, "memory + load", MEMORY) for s in ("e2b", "e4b") for d in dtypes])
 
 
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default=",".join(RUNTIMES), help=f"comma-separated subset of {','.join(RUNTIMES)}")
     parser.add_argument("--shapes", default="small,small-mm,e2b,e4b",
                         help="comma-separated subset of tiny,small,small-mm (image / audio rows),e2b,e4b")
-    parser.add_argument("--dtypes", default="bf16,int4", help="comma-separated subset of bf16,int4 (media rows: bf16)")
+    parser.add_argument("--dtypes", default="bf16,int4", help="comma-separated subset of bf16,int4")
     parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for latest.md and latest.json")
     parser.add_argument("--runs", type=int, default=3, help="runs per runtime and table (interleaved)")
     parser.add_argument("--equal-activations", nargs="?", const="bfloat16", choices=["bfloat16", "float32"],

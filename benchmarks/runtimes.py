@@ -6,9 +6,11 @@ loads the random bf16 Hugging Face checkpoint directly (a bf16 conversion only r
 three 9-14 GB copies per shape would not fit the disk). int4 rows: each runtime's own converter,
 affine 4 bits, group size 64 (mlx-lm's defaults). Transformers runs bf16 only.
 
-mlx-vlm loads only checkpoints with tower weights: its bf16 text rows load the media checkpoint
-(`hf-small-mm`: the same `small` text shapes, other random values) directly, no int4 (its converter
-would quantize the towers too). Media rows (ours, mlx-vlm): both load `hf-small-mm` directly.
+mlx-vlm loads only checkpoints with tower weights: its text rows load the media checkpoint
+(`hf-small-mm`: the same `small` text shapes, other random values), bf16 directly, int4 converted by
+its own converter. Media rows (ours, mlx-vlm): bf16 load `hf-small-mm` directly; int4 each runtime's
+converter with the towers quantized as well (ours `--quantize-towers`: 8 bits beside the 4-bit
+decoder; mlx-vlm: its own choice of modules, all at 4 bits).
 """
 
 from __future__ import annotations
@@ -36,21 +38,24 @@ def environment() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
 
 
-def ours_convert(src: Path, dst: Path, dtype: str) -> list[str]:
+def ours_convert(src: Path, dst: Path, dtype: str, towers: bool = False) -> list[str]:
     args = [sys.executable, "-m", "mlx_gemma3n.convert", "--hf-path", str(src), "--mlx-path", str(dst)]
-    return args + ["--dtype", "bfloat16"] + (QUANT if dtype == "int4" else [])
+    return args + ["--dtype", "bfloat16"] + (QUANT + (["--quantize-towers"] if towers else []) if dtype == "int4" else [])
 
 
-def mlx_lm_convert(src: Path, dst: Path, dtype: str) -> list[str]:
-    args = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(dst)]
-    return args + ["--dtype", "bfloat16"] + (QUANT if dtype == "int4" else [])
+def peer_convert(module: str) -> Callable[[Path, Path, str, bool], list[str]]:
+    """A peer's `python -m MODULE convert` (the towers are quantized by the peer's own choice)."""
+    def command(src: Path, dst: Path, dtype: str, towers: bool = False) -> list[str]:
+        args = [sys.executable, "-m", module, "convert", "--hf-path", str(src), "--mlx-path", str(dst)]
+        return args + ["--dtype", "bfloat16"] + (QUANT if dtype == "int4" else [])
+    return command
 
 
 @dataclass(frozen=True)
 class Runtime:
     name: str
     runner: str  # module under benchmarks.runners
-    convert: Callable[[Path, Path, str], list[str]] | None = None
+    convert: Callable[[Path, Path, str, bool], list[str]] | None = None  # (src, dst, dtype, towers)
     dtypes: tuple[str, ...] = ("bf16", "int4")
     devices: tuple[str, ...] = ("cpu", "gpu")
     media: bool = False  # has image / audio rows
@@ -59,18 +64,17 @@ class Runtime:
 
 RUNTIMES = {
     "ours": Runtime("ours", "ours", ours_convert, media=True),
-    "mlx-lm": Runtime("mlx-lm", "mlxlm", mlx_lm_convert),
-    "mlx-vlm": Runtime("mlx-vlm", "mlxvlm", dtypes=("bf16",), media=True, needs_towers=True),
+    "mlx-lm": Runtime("mlx-lm", "mlxlm", peer_convert("mlx_lm")),
+    "mlx-vlm": Runtime("mlx-vlm", "mlxvlm", peer_convert("mlx_vlm"), media=True, needs_towers=True),
     "transformers": Runtime("transformers", "hf", dtypes=("bf16",), devices=("cpu",)),
 }
 
 
 def model_dir(runtime: Runtime, shape: str, dtype: str, src: Path) -> Path:
     """The folder `runtime` loads for (shape, dtype), converting once into the cache."""
-    if shape in MEDIA:
-        return src
-    if runtime.needs_towers:
-        return ensure_checkpoint(f"{shape}-mm")
+    if runtime.needs_towers and shape not in MEDIA:
+        shape = f"{shape}-mm"
+        src = ensure_checkpoint(shape)
     if runtime.convert is None or (dtype == "bf16" and shape not in OWN_BF16):
         return src
     dst = CACHE / f"{runtime.name}-{shape}-{dtype}"
@@ -78,7 +82,7 @@ def model_dir(runtime: Runtime, shape: str, dtype: str, src: Path) -> Path:
         return dst
     tmp = CACHE / f".{dst.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run(runtime.convert(src, tmp, dtype), check=True, env=environment(), cwd=REPO)
+    subprocess.run(runtime.convert(src, tmp, dtype, shape in MEDIA), check=True, env=environment(), cwd=REPO)
     tmp.rename(dst)
     return dst
 

@@ -1,20 +1,24 @@
-"""Quantized towers (`convert -q --quantize-towers`): tower output error and greedy agreement of image
-and audio prompts, per recipe, against the same folder with float towers.
+"""Quantized towers (`convert -q --quantize-towers BITS`): tower output error and greedy agreement of
+image and audio prompts, per decoder recipe and tower bits, against the same folder with float towers.
 
-    python benchmarks/tower_quality.py [--tokens 16]
+    python benchmarks/tower_quality.py [--tokens 16] [--shape tiny|small-mm] [--recipes uniform4,mixed3]
 
 The test suite's tiny multimodal checkpoint (tests/reference.py, Transformers, MobileNet v5 at channel
-multiplier 0.05, a one-block conformer) converted at group size 32, float parts bf16. Each recipe is
-converted twice, towers float and towers quantized, so the decoder is the same and only the towers
-differ: relative error (L2) of the vision tower's soft tokens on a random 768 x 768 image and of the
+multiplier 0.05, a one-block conformer) converted at group size 32, float parts bf16. Each decoder recipe is
+converted with float towers and with the towers at each of TOWER_BITS, so the decoder is the same
+and only the towers differ: relative error (L2) of the vision tower's soft tokens on a random 768 x 768 image and of the
 audio tower's output on a 2 s clip; greedy agreement (matching prefix of --tokens greedy tokens, as
-a fraction) of an image prompt and an audio prompt. The tiny towers' widths (8-32 channels) leave many
+a fraction) of an image prompt and an audio prompt; and the mean KL of the next-token distributions
+over the float-tower run's greedy reply, teacher-forced. `--shape small-mm`: the harness's media
+checkpoint instead (`small` text, the real vision tower, 2 conformer layers; random weights) at group
+size 64, with its 640 x 480 image and 10 s clip. The tiny towers' widths (8-32 channels) leave many
 pointwise convolutions float (their input width must divide by 32); the share quantized is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests"), str(Path(__file__).resolve().parent.parent)]
 import conftest  # noqa: E402,F401  (torchvision op schemas for Transformers' Gemma 3n)
 from reference import TINY_TEXT_A, build_checkpoint  # noqa: E402
 
@@ -34,7 +38,8 @@ from mlx_gemma3n.generate import stream_generate  # noqa: E402
 from mlx_gemma3n.quantization import TOWER_PREFIXES, is_quantizable  # noqa: E402
 
 GROUP_SIZE = 32
-RECIPES = ("uniform4", "uniform8", "mixed")
+DECODER_RECIPES = ("uniform4", "mixed3")
+TOWER_BITS = (4, 8)
 
 
 def relative_error(reference: mx.array, other: mx.array) -> float:
@@ -72,32 +77,65 @@ def media(folder: Path) -> dict:
     return {"image": image, "audio": audio}
 
 
+def checkpoint(shape: str, tmp: Path) -> tuple[Path, dict, int]:
+    """(source folder, media files, group size) of a shape: the test suite's tiny checkpoint, or the
+    harness's `small-mm` (benchmarks/checkpoints.py) at its group size."""
+    if shape == "tiny":
+        build_checkpoint(tmp / "a", text=TINY_TEXT_A, seed=0)
+        return tmp / "a", media(tmp), 32
+    from benchmarks.checkpoints import ensure_checkpoint, ensure_media
+
+    return ensure_checkpoint(shape), ensure_media(), 64
+
+
+def reply_kl(reference_model, model, processor, part: dict, reply: list[int]) -> float:
+    """Mean KL(reference || model) of the next-token distributions over the reference's greedy reply,
+    teacher-forced: same prompt, same media, same tokens; only the towers differ."""
+    prompt = processor.prepare([{"role": "user", "content": [part, {"type": "text", "text": "Describe it."}]}])
+    ids = mx.array([prompt.ids + reply[:-1]])
+
+    def log_probs(m) -> mx.array:
+        hidden = m.hidden_states(ids, embeddings=m.embed_with_media(ids, prompt.images, prompt.audio))
+        logits = m.logits(hidden[:, len(prompt.ids) - 1 :]).astype(mx.float32)[0]
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    p, q = log_probs(reference_model), log_probs(model)
+    return mx.mean(mx.sum(mx.exp(p) * (p - q), axis=-1)).item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--shape", choices=("tiny", "small-mm"), default="tiny")
+    parser.add_argument("--recipes", default=",".join(DECODER_RECIPES), help="decoder recipes, comma-separated")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build_checkpoint(tmp / "a", text=TINY_TEXT_A, seed=0)
-        files = media(tmp)
-        print(f"tiny multimodal checkpoint, group size {GROUP_SIZE}, float parts bf16; {args.tokens} greedy tokens")
-        print("| recipe | tower modules quantized | vision rel. error | audio rel. error | image prompt agreement | audio prompt agreement |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for recipe in RECIPES:
-            models = [load(convert(str(tmp / "a"), tmp / f"{recipe}-{towers}", quantize=True, quant_recipe=recipe,
-                                   q_group_size=GROUP_SIZE, q_towers=towers)) for towers in (False, True)]
-            (float_towers, processor), (packed_towers, _) = models
+        source, files, group_size = checkpoint(args.shape, tmp)
+        print(f"{args.shape} multimodal checkpoint, group size {group_size}, float parts bf16; {args.tokens} greedy tokens")
+        print("| decoder recipe | tower bits | tower modules quantized | vision rel. error | audio rel. error "
+              "| image prompt agreement | audio prompt agreement | image reply KL | audio reply KL |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        parts = ({"type": "image", "image": str(files["image"])}, {"type": "audio", "audio": str(files["audio"])})
+        for recipe in args.recipes.split(","):
+            def convert_at(name: str, bits: int | None, recipe=recipe):
+                return load(convert(str(source), tmp / name, quantize=True, quant_recipe=recipe,
+                                    q_group_size=group_size, q_tower_bits=bits))
+
+            float_towers, processor = convert_at(f"{recipe}-float", None)
             pixels = mx.array(processor.image_pixels(str(files["image"])))[None]
             features, valid = processor.audio_features(load_audio(files["audio"]))
             features, valid = mx.array(features)[None], mx.array(valid)[None]
-            vision = relative_error(float_towers.vision_tower(pixels), packed_towers.vision_tower(pixels))
-            audio = relative_error(float_towers.audio_tower(features, valid)[0], packed_towers.audio_tower(features, valid)[0])
-            image_prompt = {"type": "image", "image": str(files["image"])}
-            audio_prompt = {"type": "audio", "audio": str(files["audio"])}
-            agree = [agreement(greedy(float_towers, processor, part, args.tokens), greedy(packed_towers, processor, part, args.tokens))
-                     for part in (image_prompt, audio_prompt)]
-            print(f"| {recipe} | {quantized_share(packed_towers)} | {vision:.4f} | {audio:.4f} | {agree[0]:.2f} | {agree[1]:.2f} |", flush=True)
-
+            replies = [greedy(float_towers, processor, part, args.tokens) for part in parts]
+            for bits in TOWER_BITS:
+                packed_towers, _ = convert_at(f"{recipe}-{bits}", bits)
+                vision = relative_error(float_towers.vision_tower(pixels), packed_towers.vision_tower(pixels))
+                audio = relative_error(float_towers.audio_tower(features, valid)[0], packed_towers.audio_tower(features, valid)[0])
+                agree = [agreement(reply, greedy(packed_towers, processor, part, args.tokens)) for reply, part in zip(replies, parts)]
+                kl = [reply_kl(float_towers, packed_towers, processor, part, reply) for reply, part in zip(replies, parts)]
+                print(f"| {recipe} | {bits} | {quantized_share(packed_towers)} | {vision:.4f} | {audio:.4f} "
+                      f"| {agree[0]:.2f} | {agree[1]:.2f} | {kl[0]:.4f} | {kl[1]:.4f} |", flush=True)
+                shutil.rmtree(tmp / f"{recipe}-{bits}")
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from .errors import Gemma3nError
 from .vision import Conv2d
 
 # AltUp's coefficient and router matrices and LAuReL's rank-64 side path are tiny and sensitive.
-# The towers quantize only when asked (`towers=True`): the audio conformer's Linears and the vision
+# The towers quantize only when asked (`tower_bits`): the audio conformer's Linears and the vision
 # tower's pointwise convolutions (vision.Conv2d.to_quantized); their other convolutions stay float.
 FLOAT_SUBMODULES = (".altup.", ".laurel.")
 TOWER_PREFIXES = ("vision_tower.", "audio_tower.")
@@ -67,15 +67,22 @@ def module_params(bits: int, group_size: int, mode: str, path: str, recipe: str)
 
 
 def quantization_plan(model: nn.Module, recipe: str, group_size: int, mode: str = "affine",
-                      towers: bool = False) -> tuple[dict, list[str]]:
+                      tower_bits: int | None = None) -> tuple[dict, list[str]]:
     """({module path: {"bits", "group_size"[, "mode"]}}, paths left float because their width does not
-    divide); `towers`: the towers' Linears and pointwise convolutions too."""
+    divide); `tower_bits`: the towers' Linears and pointwise convolutions too, at these bits (in a
+    float mode: 8 -> mxfp8, 4 -> the mode)."""
     if recipe not in RECIPES:
         raise Gemma3nError(f"unknown quantization recipe '{recipe}' (choose from {', '.join(RECIPES)})")
-    bits_for = RECIPES[recipe]
+    if tower_bits is not None and tower_bits not in AFFINE_BITS:
+        raise Gemma3nError(f"--quantize-towers takes bits in {', '.join(map(str, AFFINE_BITS))}, got {tower_bits}")
+    recipe_bits = RECIPES[recipe]
+
+    def bits_for(path: str) -> int:
+        return tower_bits if path.startswith(TOWER_PREFIXES) else recipe_bits(path)
+
     plan, left_float = {}, []
     for path, module in model.named_modules():
-        if not is_quantizable(path, module, towers):
+        if not is_quantizable(path, module, tower_bits is not None):
             continue
         params = module_params(bits_for(path), group_size, mode, path, recipe)
         if module.weight.shape[-1] % params["group_size"]:

@@ -132,7 +132,7 @@ def test_quantized_towers(tiny_ckpt_a, tmp_path):
     L2); a dequantizing export gives the convolutions their 4-D shape back."""
     kwargs = dict(quantize=True, q_bits=8, q_group_size=32)
     float_towers, _ = load(convert(str(tiny_ckpt_a.path), tmp_path / "float-towers", **kwargs))
-    packed = convert(str(tiny_ckpt_a.path), tmp_path / "packed-towers", q_towers=True, **kwargs)
+    packed = convert(str(tiny_ckpt_a.path), tmp_path / "packed-towers", q_tower_bits=8, **kwargs)
     model, _ = load(packed)
     vision = [m for p, m in model.named_modules() if p.startswith("vision_tower.")]
     audio = [m for p, m in model.named_modules() if p.startswith("audio_tower.")]
@@ -151,7 +151,26 @@ def test_quantized_towers(tiny_ckpt_a, tmp_path):
     assert conv.weight.ndim == 4
     assert relative(model.vision_tower(pixels), unpacked.vision_tower(pixels)) <= 0.03  # bf16 rounding of the float parts
     with pytest.raises(Gemma3nError, match="--quantize-towers quantizes the towers along with the decoder"):
-        convert(str(tiny_ckpt_a.path), tmp_path / "x", q_towers=True)
+        convert(str(tiny_ckpt_a.path), tmp_path / "x", q_tower_bits=8)
+
+
+def tower_settings(model) -> set:
+    return {(m.bits, m.mode) for p, m in model.named_modules()
+            if p.startswith(("vision_tower.", "audio_tower.")) and isinstance(m, nn.QuantizedLinear)}
+
+
+def test_towers_take_their_own_bits(tiny_ckpt_a, tmp_path):
+    """`--quantize-towers` alone puts the towers at 8 bits beside a 4-bit decoder (8 is near-lossless
+    on the towers where 4 is not); `--quantize-towers 4` at 4; in a float mode 8 bits is mxfp8."""
+    run = [sys.executable, "-m", "mlx_gemma3n.convert", "--hf-path", str(tiny_ckpt_a.path), "-q", "--q-group-size", "32"]
+    done = subprocess.run(run + ["--mlx-path", str(tmp_path / "t8"), "--quantize-towers"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    model, _ = load(tmp_path / "t8")
+    assert model.language_model.layers[0].mlp.up_proj.bits == 4 and tower_settings(model) == {(8, "affine")}
+    model, _ = load(convert(str(tiny_ckpt_a.path), tmp_path / "t4", quantize=True, q_group_size=32, q_tower_bits=4))
+    assert tower_settings(model) == {(4, "affine")}
+    model, _ = load(convert(str(tiny_ckpt_a.path), tmp_path / "fp", quantize=True, q_mode="mxfp4", q_tower_bits=8))
+    assert model.language_model.layers[0].mlp.up_proj.mode == "mxfp4" and tower_settings(model) == {(8, "mxfp8")}
 
 
 def test_output_folder_layout(tiny_ckpt_a, tmp_path):
@@ -254,6 +273,7 @@ def test_bad_options_are_refused(tiny_ckpt_a, tmp_path):
     assert_refused(tiny_ckpt_a.path, dst, "recipe mixed3 puts .* at 3 bits, which no float mode has", quantize=True,
                    q_mode="mxfp4", quant_recipe="mixed3")
     assert_refused(tiny_ckpt_a.path, dst, "unknown quantization recipe 'fancy'", quantize=True, quant_recipe="fancy")
+    assert_refused(tiny_ckpt_a.path, dst, "--quantize-towers takes bits in 2, 3, 4, 5, 6, 8, got 7", quantize=True, q_tower_bits=7)
     assert_refused(tiny_ckpt_a.path, dst, "unknown dtype", dtype="int8")
 
 

@@ -33,8 +33,10 @@ def main(argv=None) -> int:
     parser.add_argument("--q-mode", default="affine", help=f"one of {', '.join(MODES)} (default affine; the float "
                         "modes have their own bits and group size: mxfp4 4/32, mxfp8 8/32, nvfp4 4/16)")
     parser.add_argument("--quant-recipe", help=f"one of {', '.join(RECIPES)} (default: uniform<q-bits>)")
-    parser.add_argument("--quantize-towers", action="store_true", help="quantize the audio tower's Linears and the "
-                        "vision tower's pointwise convolutions too (by default the towers stay float)")
+    parser.add_argument("--quantize-towers", type=int, nargs="?", const=8, metavar="BITS",
+                        help="quantize the audio tower's Linears and the vision tower's pointwise convolutions too, "
+                        "at BITS (default 8: near-lossless where 4 is not, benchmarks/RESULTS.md; without the "
+                        "flag the towers stay float)")
     parser.add_argument("--adapter-path", help="fuse this PEFT LoRA adapter (folder or hub id) into the weights")
     parser.add_argument("--matformer", metavar="SPEC", help="write this MatFormer slice of an E4B checkpoint: a name "
                         "from `python -m mlx_gemma3n.matformer --list` or a JSON file")
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
 def convert_and_upload(args) -> None:
     folder = convert(
         args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize or bool(args.quant_recipe),
-        q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode, q_towers=args.quantize_towers, quant_recipe=args.quant_recipe, force=args.force,
+        q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode, q_tower_bits=args.quantize_towers, quant_recipe=args.quant_recipe, force=args.force,
         adapter_path=args.adapter_path, matformer=args.matformer,
     )
     print(f"[convert] wrote {folder}", file=sys.stderr)

@@ -133,7 +133,7 @@ def convert(
     q_group_size: int | None = None,
     quant_recipe: str | None = None,
     q_mode: str = "affine",
-    q_towers: bool = False,
+    q_tower_bits: int | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     adapter_path: str | None = None,
@@ -148,12 +148,12 @@ def convert(
     `dequantize`. hf_format: write a Transformers checkpoint instead (float weights, Google's names).
     matformer: write this MatFormer slice of an E4B source (a table name or a JSON spec, see matformer.py).
     q_bits / q_group_size: affine mode's (default 4 and 64); q_mode: affine or one of MLX's float
-    modes (mxfp4, mxfp8, nvfp4: their own bits and group size). q_towers: quantize the audio tower's
-    Linears and the vision tower's pointwise convolutions too.
+    modes (mxfp4, mxfp8, nvfp4: their own bits and group size). q_tower_bits: quantize the audio
+    tower's Linears and the vision tower's pointwise convolutions too, at these bits (None: float).
     """
     if dtype not in COMPUTE_DTYPES:
         raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(COMPUTE_DTYPES)})")
-    if q_towers and not quantize:
+    if q_tower_bits is not None and not quantize:
         raise Gemma3nError("--quantize-towers quantizes the towers along with the decoder: add -q")
     default = quantization_default(q_bits, q_group_size, q_mode) if quantize else None
     recipe = quant_recipe or f"uniform{default['bits'] if default else 4}"
@@ -189,7 +189,7 @@ def convert(
 
     block = None
     if quantize:
-        plan.quantize, left_float = quantization_plan(skeleton, recipe, default["group_size"], q_mode, q_towers)
+        plan.quantize, left_float = quantization_plan(skeleton, recipe, default["group_size"], q_mode, q_tower_bits)
         for path in left_float:
             print(f"[convert] {path} stays float: its width does not divide into its quantization groups", file=sys.stderr)
         block = config_block(plan.quantize, left_float, recipe, default)
