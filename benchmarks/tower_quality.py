@@ -47,9 +47,13 @@ def relative_error(reference: mx.array, other: mx.array) -> float:
     return (mx.linalg.norm(reference - other) / mx.linalg.norm(reference)).item()
 
 
+def describe(part: dict) -> list[dict]:
+    """The one-turn chat every measurement prompts with: the medium, then "Describe it."."""
+    return [{"role": "user", "content": [part, {"type": "text", "text": "Describe it."}]}]
+
+
 def greedy(model, processor, part: dict, tokens: int) -> list[int]:
-    messages = [{"role": "user", "content": [part, {"type": "text", "text": "Describe it."}]}]
-    return [r.token for r in stream_generate(model, processor, messages, tokens, temperature=0.0)]
+    return [r.token for r in stream_generate(model, processor, describe(part), tokens, temperature=0.0)]
 
 
 def agreement(reference: list[int], other: list[int]) -> float:
@@ -91,7 +95,7 @@ def checkpoint(shape: str, tmp: Path) -> tuple[Path, dict, int]:
 def reply_kl(reference_model, model, processor, part: dict, reply: list[int]) -> float:
     """Mean KL(reference || model) of the next-token distributions over the reference's greedy reply,
     teacher-forced: same prompt, same media, same tokens; only the towers differ."""
-    prompt = processor.prepare([{"role": "user", "content": [part, {"type": "text", "text": "Describe it."}]}])
+    prompt = processor.prepare(describe(part))
     ids = mx.array([prompt.ids + reply[:-1]])
 
     def log_probs(m) -> mx.array:
