@@ -6,10 +6,13 @@ and time to first token under that load, for ours, mlx-lm's and mlx-vlm's server
 Each server runs on a free 127.0.0.1 port, on a random checkpoint of the shape
 (benchmarks/checkpoints.py) in the folder its runtime loads (benchmarks/runtimes.py: mlx-lm its own
 bf16 conversion, mlx-vlm the checkpoint with towers), bf16, batching as wide as the most streams.
-For each concurrency level, that many streaming chat requests (distinct prompts of ~60 tokens,
-greedy, `max_tokens` = --tokens) start together; aggregate decode tokens/s is the tokens after each
-stream's first, over the span from the first first-token to the last token. A warm-up round runs
-first (decode traces compile once per batch size). A server that fails is recorded with its error.
+For each concurrency level, that many streaming chat requests (prompts of ~60 tokens, distinct after
+the chat template's first tokens, so no server's prompt cache can serve one from another; greedy,
+`max_tokens` = --tokens) start together. Aggregate decode tokens/s is the tokens after each stream's
+first, over the span from the first first-token to the last token (prefills that run inside it count
+against it); "all decoding" is the token rate while every stream decodes (from the last first-token
+to the first end), the batched step's own rate. A warm-up round runs first (decode traces compile
+once per batch size). A server that fails is recorded with its error.
 """
 
 from __future__ import annotations
@@ -84,16 +87,22 @@ SERVERS = {
 }
 
 
+def prompt_text(index: int, words: int = 56) -> str:
+    """Words of the benchmark tokenizer's vocabulary (`t<id>`, one token each; any other word is one
+    and the same <unk>), a different sequence for each index."""
+    return " ".join(f"t{1000 + (7919 * index + 31 * i) % 200_000}" for i in range(words))
+
+
 def one_stream(url: str, model: str, index: int, tokens: int) -> dict:
-    """Times of one streaming request: start, first token, end, and its completion tokens (the usage
-    chunk's count, or the content chunks where a server sends no usage)."""
+    """Times of one streaming request: start, each content chunk, end, and its completion tokens (the
+    usage chunk's count, or the content chunks where a server sends no usage)."""
     body = {
         "model": model, "max_tokens": tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-        "messages": [{"role": "user", "content": f"Request {index}: " + "tell me a long story about the sea " * 8}],
+        "messages": [{"role": "user", "content": prompt_text(index)}],
     }
     start = time.perf_counter()
-    first = usage = None
-    chunks = 0
+    usage = None
+    chunks = []
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600) as response:
         if response.status_code != 200:
             raise ServerFailed(f"HTTP {response.status_code}: {response.read().decode(errors='replace')[:300]}")
@@ -104,9 +113,9 @@ def one_stream(url: str, model: str, index: int, tokens: int) -> dict:
             if chunk.get("usage"):
                 usage = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
-                chunks += 1
-                first = first or time.perf_counter()
-    return {"start": start, "first": first or time.perf_counter(), "end": time.perf_counter(), "tokens": usage or chunks}
+                chunks.append(time.perf_counter())
+    end = time.perf_counter()
+    return {"start": start, "first": chunks[0] if chunks else end, "chunks": chunks, "end": end, "tokens": usage or len(chunks)}
 
 
 def round_of(url: str, model: str, streams: int, tokens: int, offset: int) -> dict:
@@ -115,7 +124,16 @@ def round_of(url: str, model: str, streams: int, tokens: int, offset: int) -> di
     span = max(r["end"] for r in runs) - min(r["first"] for r in runs)
     decoded = sum(r["tokens"] - 1 for r in runs)
     ttft = [r["first"] - r["start"] for r in runs]
-    return {"streams": streams, "decode_tps": decoded / span, "ttft_mean": statistics.mean(ttft), "ttft_max": max(ttft)}
+    return {"streams": streams, "decode_tps": decoded / span, "all_decoding_tps": all_decoding_rate(runs),
+            "ttft_mean": statistics.mean(ttft), "ttft_max": max(ttft)}
+
+
+def all_decoding_rate(runs: list[dict]) -> float:
+    """Content chunks per second across streams while every stream has begun and none has ended."""
+    begin, stop = max(r["first"] for r in runs), min(r["chunks"][-1] for r in runs if r["chunks"])
+    if stop <= begin:
+        return float("nan")
+    return sum(begin < t <= stop for r in runs for t in r["chunks"]) / (stop - begin)
 
 
 def folder_for(runtime: str, shape: str) -> Path:
@@ -156,7 +174,8 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS))
     args = parser.parse_args()
     print(f"server load on `{args.shape}` (bf16), {args.tokens} tokens per stream")
-    print(f"{'server':>8} {'streams':>7} {'decode tok/s':>13} {'vs first':>9} {'TTFT mean s':>12} {'TTFT max s':>11}")
+    print(f"{'server':>8} {'streams':>7} {'decode tok/s':>13} {'vs first':>9} {'all decoding':>13} {'vs first':>9} "
+          f"{'TTFT mean s':>12} {'TTFT max s':>11}")
     with tempfile.TemporaryDirectory() as logs:
         for name in args.servers:
             try:
@@ -164,9 +183,10 @@ def main() -> None:
             except ServerFailed as exc:
                 print(f"{name:>8} failed: {exc}", flush=True)
                 continue
-            base = rows[0]["decode_tps"]
+            base, steady = rows[0]["decode_tps"], rows[0]["all_decoding_tps"]
             for r in rows:
                 print(f"{name:>8} {r['streams']:>7} {r['decode_tps']:>13.1f} {r['decode_tps'] / base:>8.2f}x "
+                      f"{r['all_decoding_tps']:>13.1f} {r['all_decoding_tps'] / steady:>8.2f}x "
                       f"{r['ttft_mean']:>12.3f} {r['ttft_max']:>11.3f}", flush=True)
 
 
