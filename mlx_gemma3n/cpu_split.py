@@ -11,6 +11,7 @@ heads (with their query heads).
 
 import os
 import threading
+from contextlib import nullcontext
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,6 +52,18 @@ def split_work(rows: int, work: int, compute, axis: int) -> mx.array:
     bounds = [rows * i // parts for i in range(parts + 1)]
     pieces = [compute(slice(start, stop), stream) for start, stop, stream in zip(bounds, bounds[1:], streams)]
     return mx.concatenate(pieces, axis=axis)
+
+
+def split_elementwise(function, x: mx.array) -> mx.array:
+    """`function` (elementwise) over ranges of x's last axis, a range per core. For the soft-capped
+    logits of a batched decode step: MLX's CPU tanh costs ~18 ns an element (4 x 262400 logits:
+    19 -> 10 ms on 2 cores)."""
+
+    def apply(columns: slice, stream) -> mx.array:
+        with nullcontext() if stream is None else mx.stream(stream):
+            return function(x[..., columns])
+
+    return split_work(x.shape[-1], x.size, apply, axis=-1)
 
 
 def split_dense_matmul(x: mx.array, weight: mx.array, bias=None) -> mx.array:

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
-from .cpu_split import split_over_cores
+from .cpu_split import split_elementwise, split_over_cores
 from .errors import Gemma3nError
 from .mapped import MappedEmbedding, TensorLocation, locate, read_header
 from .model import TOWERS, Model
@@ -186,7 +186,7 @@ def map_table(model: Model, mapped: dict[str, TensorLocation], dtype, columns: d
 
 def adapt_to_cpu(model: Model, dtype, batched: bool = False) -> None:
     """MLX's CPU backend runs a matmul on one core, and slowly outside float32; Metal needs none of
-    this. The matmuls are split over the cores (`cpu_split`), and:
+    this. The matmuls and the logits' soft cap are split over the cores (`cpu_split`), and:
     - quantized models compute in float32: the CPU quantized matmul is ~10x faster with float32
       activations than with bf16 (measured: 42 vs 403 ms for a 262400 x 256 int4 matvec);
     - unless `batched` (several sequences decode in one step: the server), a bf16/fp16 tied embedding
@@ -205,6 +205,7 @@ def adapt_to_cpu(model: Model, dtype, batched: bool = False) -> None:
         model.activation_dtype = table.weight.dtype
         table.weight = table.weight.astype(mx.float32)
     split_over_cores(model)
+    model.elementwise = split_elementwise
 
 
 def our_module_path(path: str, config: ModelConfig) -> str | None:

@@ -20,6 +20,10 @@ from .vision import VisionTower
 TOWERS = ("vision_tower", "audio_tower")
 
 
+def apply_whole(function, x: mx.array) -> mx.array:
+    return function(x)
+
+
 class Model(nn.Module):
     """Gemma 3n. `towers` names the encoders to build (a checkpoint may come without them)."""
 
@@ -38,6 +42,8 @@ class Model(nn.Module):
         self._hard_tokens = None
         # dtype the activations are computed in; None follows the weights (see loader.adapt_to_cpu)
         self.activation_dtype = None
+        # how an elementwise function meets the logits: whole, or over the CPU cores (cpu_split)
+        self.elementwise = apply_whole
 
     def make_cache(self) -> list:
         return make_cache(self.config.text)
@@ -154,5 +160,5 @@ class Model(nn.Module):
         logits = self.language_model.embed_tokens.as_linear(hidden)
         cap = self.config.text.final_logit_softcapping
         if cap:
-            logits = mx.tanh(logits / cap) * cap
+            logits = self.elementwise(lambda x: mx.tanh(x / cap) * cap, logits)
         return logits

@@ -12,6 +12,7 @@ from helpers import prompt_ids
 from mlx_gemma3n import cpu_split, load
 from mlx_gemma3n.cache import sliding_window_mask
 from mlx_gemma3n.generate import Session
+from mlx_gemma3n.model import apply_whole
 from mlx_gemma3n.sampling import SamplingParams
 from mlx_gemma3n.vision import Conv2d
 
@@ -121,8 +122,10 @@ def test_loaded_model_splits_and_generates_the_same(tiny_ckpt_a, three_streams):
     assert type(split.language_model.layers[0].mlp.down_proj) is cpu_split.SplitLinear
     assert type(split.language_model.embed_tokens) is cpu_split.SplitEmbedding
     assert type(split.language_model.layers[0].self_attn) is cpu_split.SplitAttention
+    assert split.elementwise is cpu_split.split_elementwise
     for module in split_layers:
         module.__class__ = base_classes[type(module)]
+    whole.elementwise = apply_whole
 
     ids = mx.array(prompt_ids(11, 12))
     np.testing.assert_allclose(np.array(split(ids)), np.array(whole(ids)), rtol=1e-5, atol=1e-5)
@@ -132,3 +135,16 @@ def test_loaded_model_splits_and_generates_the_same(tiny_ckpt_a, three_streams):
     tokens = [[r.token for r in Session(model, processor).stream(ids[0].tolist(), greedy, 12, prefill_step_size=5)]
               for model in (split, whole)]
     assert tokens[0] == tokens[1] and len(set(tokens[0])) > 3
+
+
+def test_split_elementwise_is_the_function_whole(three_streams):
+    """The logits' soft cap, a range of the vocabulary per stream: every element as computed whole."""
+    mx.random.seed(11)
+    logits = (30 * mx.random.normal((3, 1, 1001))).astype(mx.bfloat16)
+
+    def soft_cap(x):
+        return mx.tanh(x / 30.0) * 30.0
+
+    got = cpu_split.split_elementwise(soft_cap, logits)
+    assert got.shape == logits.shape and got.dtype == mx.bfloat16
+    assert mx.array_equal(got, soft_cap(logits))
