@@ -129,7 +129,8 @@ class RowCaches:
         return mx.array([row.offset for row in self.rows])
 
     def update(self, keys: mx.array, values: mx.array):
-        updated = [row.update(keys[i : i + 1], values[i : i + 1]) for i, row in enumerate(self.rows)]
+        rows = len(self.rows)
+        updated = [row.update(k, v) for row, k, v in zip(self.rows, mx.split(keys, rows), mx.split(values, rows))]
         return tuple(list(column) for column in zip(*updated))
 
 

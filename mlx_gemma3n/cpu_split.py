@@ -111,10 +111,28 @@ def split_attention(queries: mx.array, keys: mx.array, values: mx.array, mask) -
     def attend(kv_rows: slice, stream) -> mx.array:
         q_rows = slice(None) if kv_rows.start is None else slice(kv_rows.start * group, kv_rows.stop * group)
         q, k, v = (a.astype(mx.float32) for a in (queries[:, q_rows], keys[:, kv_rows], values[:, kv_rows]))
+        if length == 1:
+            with nullcontext() if stream is None else mx.stream(stream):
+                return one_query_attention(q, k, v, mask)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask, stream=stream)
 
     work = batch * heads * length * keys.shape[2] * dim
     return split_work(kv_heads, work, attend, axis=1).astype(queries.dtype)
+
+
+def one_query_attention(queries: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:
+    """Attention of one query position per row, unscaled: the ops of MLX's CPU fallback for
+    `mx.fast.scaled_dot_product_attention` (the same numbers) less its scale multiply and its
+    repeats of the KV heads (a decode step runs it once per layer and row: 90 -> 60 us).
+    `mask`: None or boolean (1, keys)."""
+    batch, heads, _, dim = queries.shape
+    kv_heads = keys.shape[1]
+    grouped = queries.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = grouped @ keys.swapaxes(-1, -2)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights @ values).reshape(batch, heads, 1, dim)
 
 
 class SplitAttention(Attention):

@@ -106,7 +106,7 @@ class Attention(nn.Module):
         """`attend`, or for a batch of sequences with one (keys, values, mask) per row (lists, from
         cache.RowCaches) `attend` row by row."""
         if isinstance(keys, list):
-            return mx.concatenate([self.attend(queries[i : i + 1], *kv) for i, kv in enumerate(zip(keys, values, mask))])
+            return mx.concatenate([self.attend(*row) for row in zip(mx.split(queries, len(keys)), keys, values, mask)])
         return self.attend(queries, keys, values, mask)
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:

@@ -96,15 +96,15 @@ def test_split_convolutions_equal_the_vision_convolution(three_streams, kernel, 
     np.testing.assert_allclose(np.array(conv(x)), np.array(expected), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mask", [None, "causal", "sliding"])
-def test_split_attention_is_float32_attention(three_streams, mask):
-    """6 query heads over 3 KV heads: one KV head (and its 2 query heads) per part."""
+@pytest.mark.parametrize("queries_length, mask", [(7, None), (7, "causal"), (7, "sliding"), (1, None), (1, "sliding")])
+def test_split_attention_is_float32_attention(three_streams, queries_length, mask):
+    """6 query heads over 3 KV heads: one KV head (and its 2 query heads) per part. One query position
+    (a decode step; `one_query_attention`) gives MLX's numbers too."""
     mx.random.seed(5)
-    queries = mx.random.normal((1, 6, 7, 16)).astype(mx.bfloat16)
+    queries = mx.random.normal((1, 6, queries_length, 16)).astype(mx.bfloat16)
     keys, values = (mx.random.normal((1, 3, 7, 16)).astype(mx.bfloat16) for _ in range(2))
     if mask == "sliding":
-        positions = mx.arange(7)
-        mask = sliding_window_mask(positions, positions, 3)
+        mask = sliding_window_mask(mx.arange(7 - queries_length, 7), mx.arange(7), 3)
     as_float32 = (a.astype(mx.float32) for a in (queries, keys, values))
     expected = mx.fast.scaled_dot_product_attention(*as_float32, scale=1.0, mask=mask)
     got = cpu_split.split_attention(queries, keys, values, mask)
