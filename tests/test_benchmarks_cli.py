@@ -1,7 +1,9 @@
 """The benchmark harness end to end on its CI-sized `tiny` shape (`python -m benchmarks --device cpu
 --quick`), the batched-step split (`python -m benchmarks.batched_step`), and the launch counter
-(`python -m benchmarks.launches`) on a graph whose kernels are known."""
+(`python -m benchmarks.launches`) on a graph whose kernels are known, and the server load
+(`python -m benchmarks.server_load`) against our server and mlx-lm's."""
 
+import math
 import re
 import subprocess
 import sys
@@ -44,6 +46,17 @@ def test_batched_step_splits_each_layout_and_times_the_peer():
         for part in ("whole step", "decoder body", "LM head"):
             assert all(float(ms) > 0 for ms in table_row(out, f"ours, {layout}, {part}")), (layout, part)
     assert all(float(ms) > 0 for ms in table_row(out, "mlx-lm, whole step"))
+
+
+def test_server_load_times_each_server_at_each_concurrency():
+    out = run_module(["benchmarks.server_load", "--shape", "tiny", "--tokens", "24", "--streams", "1", "2",
+                      "--servers", "ours", "mlx-lm"])
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [(row[0], row[1]) for row in rows] == [("ours", "1"), ("ours", "2"), ("mlx-lm", "1"), ("mlx-lm", "2")], out
+    for row in rows:
+        decode, all_decoding, ttft_mean, ttft_max = (float(row[i]) for i in (2, 4, 6, 7))
+        # "all decoding" has no span when one stream ends before the other's first token (a busy box)
+        assert decode > 0 and (all_decoding > 0 or math.isnan(all_decoding)) and 0 < ttft_mean <= ttft_max, row
 
 
 def test_a_fast_kernel_counts_once_and_a_compiled_region_once():
