@@ -100,6 +100,7 @@ def build_ours(config: dict, int4: bool, folder: Path):
     from mlx_gemma3n.model import Model
     from mlx_gemma3n.quantization import config_block, quantization_plan, quantize_like_checkpoint
     from mlx_gemma3n.sampling import SamplingParams, sample
+    from mlx_gemma3n.stacking import stack_projections
 
     model = Model(ModelConfig.from_dict(config), towers=())
     if int4:
@@ -109,6 +110,7 @@ def build_ours(config: dict, int4: bool, folder: Path):
     parts = sparse_table(model, folder)
     map_table(model, parts, None)
     weightless(model)
+    stack_projections(model)
     model.eval()
     cache = model.make_cache()
     greedy = SamplingParams(temperature=0.0)

@@ -20,6 +20,7 @@ from .errors import Gemma3nError
 from .mapped import MappedEmbedding, TensorLocation, locate, read_header
 from .model import TOWERS, Model
 from .quantization import module_entries_renamed, quantize_like_checkpoint
+from .stacking import stack_projections
 
 # What a model folder needs; nothing else is downloaded (no pickles, no remote code).
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]
@@ -253,7 +254,9 @@ def load_model(model_dir: Path, dtype=None, matformer=None, batched: bool = Fals
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
+    del weights  # the model holds them now; stacking replaces some, which must not stay alive here
     adapt_to_cpu(model, dtype, batched)
+    stack_projections(model)
     model.eval()
     # The towers' weights stay in their files until an image or a clip needs them (mx.load is lazy).
     mx.eval([v for k, v in tree_flatten(model.parameters()) if not k.startswith(TOWERS)])

@@ -14,6 +14,7 @@ from .cache import make_cache
 from .config import ModelConfig
 from .errors import Gemma3nError
 from .multimodal import MultimodalEmbedder
+from .stacking import unstack_projections
 from .text import TextModel
 from .vision import VisionTower
 
@@ -44,6 +45,12 @@ class Model(nn.Module):
         self.activation_dtype = None
         # how an elementwise function meets the logits: whole, or over the CPU cores (cpu_split)
         self.elementwise = apply_whole
+
+    def load_weights(self, *args, **kwargs):
+        """nn.Module.load_weights, after dropping the stacked projections (stacking.py): they would
+        keep the weights of before."""
+        unstack_projections(self)
+        return super().load_weights(*args, **kwargs)
 
     def make_cache(self) -> list:
         return make_cache(self.config.text)

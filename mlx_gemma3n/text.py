@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from .config import FULL, SLIDING, TextConfig
 from .cache import sliding_window_mask
+from .stacking import StackedLinears, project
 
 
 class RMSNorm(nn.Module):
@@ -41,12 +42,13 @@ def root_mean_square(x: mx.array) -> mx.array:
     return mx.sqrt(mx.mean(x * x, axis=-1, keepdims=True))
 
 
-def compiled_for_decode(function, module: nn.Module):
+def compiled_for_decode(function, module: nn.Module, stacked: StackedLinears | None = None):
     """`function(x, ...)`, x of shape (B, T, ...), compiled by mx.compile for decode (T == 1), which
     fuses its chain of small ops into fewer kernels, and run as it is for prefill: prefill's ops are
-    large, and each new prompt length would cost a fresh trace. The module's parameters are compile
-    inputs, so weights loaded or quantized after the first call are seen."""
-    compiled = mx.compile(function, inputs=module.state)
+    large, and each new prompt length would cost a fresh trace. The module's parameters (and the
+    linears `stacked` holds, see stacking.py) are compile inputs, so weights loaded, quantized or
+    stacked after the first call are seen."""
+    compiled = mx.compile(function, inputs=module.state if stacked is None else [module.state, stacked.modules])
     return lambda x, *args: (compiled if x.shape[1] == 1 else function)(x, *args)
 
 
@@ -77,27 +79,32 @@ class Attention(nn.Module):
     def rope(self, x: mx.array, offset) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
 
-    def queries(self, x: mx.array, offset) -> mx.array:
-        batch, length, _ = x.shape
-        queries = self.q_proj(x).reshape(batch, length, self.n_heads, self.head_dim)
+    def projections(self) -> list[nn.Module]:
+        """The projections of the layer's normed input: q, and k and v for a KV-owning layer."""
+        return [self.q_proj, self.k_proj, self.v_proj] if self.owns_kv else [self.q_proj]
+
+    def queries(self, projected: mx.array, offset) -> mx.array:
+        batch, length, _ = projected.shape
+        queries = projected.reshape(batch, length, self.n_heads, self.head_dim)
         return self.rope(self.q_norm(queries).transpose(0, 2, 1, 3), offset)
 
-    def keys_values(self, x: mx.array, offset):
-        batch, length, _ = x.shape
-        keys = self.k_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
-        values = self.v_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
+    def keys_values(self, projected_keys: mx.array, projected_values: mx.array, offset):
+        batch, length, _ = projected_keys.shape
+        keys = projected_keys.reshape(batch, length, self.n_kv_heads, self.head_dim)
+        values = projected_values.reshape(batch, length, self.n_kv_heads, self.head_dim)
         keys = self.rope(self.k_norm(keys).transpose(0, 2, 1, 3), offset)
         values = mx.fast.rms_norm(values, None, self.v_norm_eps).transpose(0, 2, 1, 3)  # v_norm: no scale
         return keys, values
 
-    def __call__(self, x: mx.array, offset: mx.array, shared_kv: dict, cache=None, mask=None) -> mx.array:
+    def __call__(self, projected: list[mx.array], offset: mx.array, shared_kv: dict, cache=None, mask=None) -> mx.array:
         """Attend over this layer's keys/values, or over those of the last KV-owning layer of the
         same type (`shared_kv[layer_type]`) for a KV-shared layer. Owners record theirs there, with
-        the mask to use (their cache's, or `mask` without a cache)."""
-        batch, length, _ = x.shape
-        queries = self.compute_queries(x, offset)
+        the mask to use (their cache's, or `mask` without a cache). `projected`: the outputs of
+        `projections()` (computed by the decoder layer, which may stack them with LAuReL's)."""
+        batch, length, _ = projected[0].shape
+        queries = self.compute_queries(projected[0], offset)
         if self.owns_kv:
-            keys, values = self.compute_keys_values(x, offset)
+            keys, values = self.compute_keys_values(*projected[1:], offset)
             shared_kv[self.layer_type] = (keys, values, mask) if cache is None else cache.update(keys, values)
         out = self.attend_rows(queries, *shared_kv[self.layer_type])
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
@@ -125,14 +132,15 @@ class MLP(nn.Module):
         # Gaussian top-k: keep the activations above the `sparsity` quantile of a normal fitted to
         # each row (population std), i.e. cutoff = mean + std * Phi^-1(sparsity).
         self.std_multiplier = NormalDist().inv_cdf(sparsity) if sparsity > 0.0 else None
+        self.input_plan = None  # gate and up stacked (stacking.py), or None
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate = self.gate_proj(x)
+        gate, up = project(self.input_plan, [self.gate_proj, self.up_proj], x)
         if self.std_multiplier is not None:
             mean = mx.mean(gate, axis=-1, keepdims=True)
             std = mx.sqrt(mx.mean(mx.square(gate - mean), axis=-1, keepdims=True))
             gate = nn.relu(gate - (mean + std * self.std_multiplier))
-        return self.down_proj(self.act(gate) * self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class Laurel(nn.Module):
@@ -144,8 +152,9 @@ class Laurel(nn.Module):
         self.linear_right = nn.Linear(config.laurel_rank, config.hidden_size, bias=False)
         self.post_laurel_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
+    def __call__(self, x: mx.array, left: mx.array) -> mx.array:
+        """x plus the side path, from `left` = linear_left(x) (which the decoder layer may stack)."""
+        return x + self.post_laurel_norm(self.linear_right(left))
 
 
 class AltUp(nn.Module):
@@ -201,20 +210,27 @@ class DecoderLayer(nn.Module):
         self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, hidden, bias=False)
         self.post_per_layer_input_norm = RMSNorm(hidden, eps)
         self.act = ACTIVATIONS[config.hidden_activation]
+        self.input_plan = None  # the input projections stacked (stacking.py), or None
+        self.stacked = StackedLinears()
         # Around attention (whose cache and position change every step) the layer is a fixed chain of
         # small ops: compiled for decode.
-        self.compute_before_attention = compiled_for_decode(self.before_attention, self)
-        self.compute_after_attention = compiled_for_decode(self.after_attention, self)
+        self.compute_before_attention = compiled_for_decode(self.before_attention, self, self.stacked)
+        self.compute_after_attention = compiled_for_decode(self.after_attention, self, self.stacked)
 
     def __call__(self, streams, per_layer_input, offset, shared_kv: dict, cache=None, mask=None) -> mx.array:
-        predictions, normed, laurel = self.compute_before_attention(streams)
-        attn = self.self_attn(normed, offset, shared_kv, cache, mask)
+        predictions, laurel, *projected = self.compute_before_attention(streams)
+        attn = self.self_attn(projected, offset, shared_kv, cache, mask)
         return self.compute_after_attention(predictions, laurel, attn, per_layer_input)
+
+    def input_projections(self) -> list[nn.Module]:
+        """Every projection of the normed input: attention's, then LAuReL's left."""
+        return [*self.self_attn.projections(), self.laurel.linear_left]
 
     def before_attention(self, streams: mx.array):
         predictions = self.altup.predict(streams)
         normed = self.input_layernorm(predictions[:, :, self.active])
-        return predictions, normed, self.laurel(normed)
+        *projected, left = project(self.input_plan, self.input_projections(), normed)
+        return predictions, self.laurel(normed, left), *projected
 
     def after_attention(self, predictions, laurel, attn, per_layer_input) -> mx.array:
         attn = predictions[:, :, self.active] + self.post_attention_layernorm(attn)

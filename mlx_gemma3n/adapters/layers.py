@@ -35,7 +35,11 @@ class LoRALinear(nn.Module):
             self.lora_a, self.lora_b, self.scale = lora_a, lora_b, scale
 
     def __call__(self, x: mx.array) -> mx.array:
-        out = self.base(x)
+        return self.with_delta(self.base(x), x)
+
+    def with_delta(self, out: mx.array, x: mx.array) -> mx.array:
+        """`out`, the base's output for x (from it or from its rows of a stacked matmul, see
+        stacking.py), plus the adapter's delta while one is active."""
         if "lora_a" not in self:
             return out
         a, b, scale = (w.astype(x.dtype) for w in (self.lora_a, self.lora_b, self.scale))
