@@ -123,7 +123,8 @@ def split_attention(queries: mx.array, keys: mx.array, values: mx.array, mask) -
 def one_query_attention(queries: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:
     """Attention of one query position per row, unscaled: the ops of MLX's CPU fallback for
     `mx.fast.scaled_dot_product_attention` (the same numbers) less its scale multiply and its
-    repeats of the KV heads (a decode step runs it once per layer and row: 90 -> 60 us).
+    repeats of the KV heads (a decode step runs it once per layer and row: 75 -> 52 us for 8 query /
+    2 KV heads of 32 over 80 keys).
     `mask`: None or boolean (1, keys)."""
     batch, heads, _, dim = queries.shape
     kv_heads = keys.shape[1]
