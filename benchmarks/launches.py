@@ -5,8 +5,8 @@ group size 64, each runtime's own choice of quantized modules). CPU-runnable, no
     python -m benchmarks.launches [--shapes e2b,e4b] [--dtypes bf16,int4] [--only ours,mlx-lm,mlx-vlm]
 
 Method. Each runtime builds its model in memory with every parameter an evaluated zero-stride view of
-one zero (real shapes, no memory), in its GPU layout (ours: no `loader.adapt_to_cpu`; the PLE table
-memory-mapped as `load` maps it, from a sparse file). A 1-token prompt fills its cache, then one decode
+one zero (real shapes, no memory), in its GPU layout (ours: no `loader.adapt_to_cpu`; its projections
+stacked and the PLE table memory-mapped as `load` does, the table from a sparse file). A 1-token prompt fills its cache, then one decode
 step is built lazily exactly as its generation loop builds it (model call, last position, greedy pick;
 mlx-lm and mlx-vlm also normalise to log-probabilities) and written with `mx.export_to_dot`; the
 primitive nodes of that graph are counted (inputs and constants are not nodes). MLX's CPU backend
@@ -109,8 +109,11 @@ def build_ours(config: dict, int4: bool, folder: Path):
         quantize_like_checkpoint(model, block, {f"{path}.scales" for path in plan})
     parts = sparse_table(model, folder)
     map_table(model, parts, None)
+    stack_projections(model)  # as `load` does
     weightless(model)
-    stack_projections(model)
+    for layer in model.language_model.layers:
+        for stacked in layer.stacked.modules:
+            weightless(stacked)
     model.eval()
     cache = model.make_cache()
     greedy = SamplingParams(temperature=0.0)
