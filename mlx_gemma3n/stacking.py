@@ -76,15 +76,13 @@ def kind(linear: nn.Module):
 def stack(parts: list[nn.Module]) -> Plan:
     """The parts in order, those of one kind (two or more) gathered into a StackedGroup."""
     kinds = [kind(part) for part in parts]
-    groups: dict = {}
+    steps: list = []
     for index, part_kind in enumerate(kinds):
-        if part_kind is not None and kinds.count(part_kind) > 1:
-            groups.setdefault(part_kind, []).append(index)
-    steps: list = list(range(len(parts)))
-    for indices in groups.values():
-        for i in indices[1:]:
-            steps.remove(i)
-        steps[steps.index(indices[0])] = (StackedGroup([parts[i] for i in indices]), indices)
+        members = [i for i, other in enumerate(kinds) if part_kind is not None and other == part_kind]
+        if len(members) < 2:
+            steps.append(index)
+        elif index == members[0]:
+            steps.append((StackedGroup([parts[i] for i in members]), members))
     return Plan(steps)
 
 
