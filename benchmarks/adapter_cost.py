@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from mlx_gemma3n.adapters import LoRALinear
 from mlx_gemma3n.adapters.modules import hf_module_name
-from mlx_gemma3n.cpu_split import split_over_cores
+from mlx_gemma3n.backends.cpu_split import split_over_cores
 
 from .prefill_shortcut import build
 

@@ -39,8 +39,8 @@ def prompts(rows: int, length: int) -> list[list[int]]:
 
 
 def ours_rows(folder, rows: list[int], length: int, steps: int, batched: bool) -> dict[int, tuple[float, float, float]]:
-    from mlx_gemma3n.cache import batched_cache
-    from mlx_gemma3n.loader import load_model
+    from mlx_gemma3n.architecture.cache import batched_cache
+    from mlx_gemma3n.weights.loader import load_model
 
     model = load_model(folder, batched=batched)
     results = {}

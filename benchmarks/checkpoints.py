@@ -24,8 +24,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma3n.config import ModelConfig
-from mlx_gemma3n.model import Model
+from mlx_gemma3n.architecture.config import ModelConfig
+from mlx_gemma3n.architecture.model import Model
 
 from .tokenizer import write_tokenizer
 

@@ -81,7 +81,7 @@ def weightless(module) -> None:
 def sparse_table(model, folder: Path) -> dict:
     """Locations of the PLE table's parts in one sparse file of zeros (no disk used), as `read_weights`
     would find them in a checkpoint."""
-    from mlx_gemma3n.mapped import TensorLocation
+    from mlx_gemma3n.weights.mapped import TensorLocation
 
     dtypes = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32", mx.uint8: "U8"}
     table = model.language_model.embed_tokens_per_layer
@@ -95,12 +95,12 @@ def sparse_table(model, folder: Path) -> dict:
 
 
 def build_ours(config: dict, int4: bool, folder: Path):
-    from mlx_gemma3n.config import ModelConfig
-    from mlx_gemma3n.loader import map_table
-    from mlx_gemma3n.model import Model
-    from mlx_gemma3n.quantization import config_block, quantization_plan, quantize_like_checkpoint
-    from mlx_gemma3n.sampling import SamplingParams, sample
-    from mlx_gemma3n.stacking import stack_projections
+    from mlx_gemma3n.architecture.config import ModelConfig
+    from mlx_gemma3n.architecture.model import Model
+    from mlx_gemma3n.architecture.stacking import stack_projections
+    from mlx_gemma3n.decoding.sampling import SamplingParams, sample
+    from mlx_gemma3n.weights.loader import map_table
+    from mlx_gemma3n.weights.quantization import config_block, quantization_plan, quantize_like_checkpoint
 
     model = Model(ModelConfig.from_dict(config), towers=())
     if int4:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from mlx_gemma3n.matformer import table
+from mlx_gemma3n.weights.matformer import table
 
 from .checkpoints import CACHE, ensure_checkpoint
 from .runtimes import REPO, RUNTIMES, Runtime, environment, model_dir, run_once

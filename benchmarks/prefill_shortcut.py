@@ -16,8 +16,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_gemma3n.config import load_config
-from mlx_gemma3n.model import Model
+from mlx_gemma3n.architecture.config import load_config
+from mlx_gemma3n.architecture.model import Model
 
 E2B_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "data" / "gemma-3n-E2B-it"
 SMALL = dict(hidden_size=256, intermediate_size=[1024] * 30, num_attention_heads=8, num_key_value_heads=2, head_dim=32)

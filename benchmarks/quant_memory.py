@@ -49,7 +49,7 @@ def converted(shape: str, row: str) -> Path:
 
 def resident_weight_gb(folder: Path) -> float:
     """Bytes of the folder's tensors other than the PLE table's, from the safetensors headers."""
-    from mlx_gemma3n.mapped import read_header
+    from mlx_gemma3n.weights.mapped import read_header
 
     total = 0
     for file in folder.glob("*.safetensors"):

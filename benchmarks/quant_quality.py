@@ -3,7 +3,7 @@
     python benchmarks/quant_quality.py
 
 Builds the test suite's tiny random Gemma 3n checkpoints (tests/reference.py, Transformers), and for
-each checkpoint measures (1) each recipe of mlx_gemma3n.quantization.RECIPES through the real
+each checkpoint measures (1) each recipe of mlx_gemma3n.weights.quantization.RECIPES through the real
 conversion (`convert`), with bf16 and float32 float parts, and the recipes in MLX's float modes
 (mxfp4, nvfp4, mxfp8), (2) the mixed candidates the kept one was chosen from and (3) sensitivity:
 one group of modules at 4 and at 3 bits, everything else float, to see which group costs the most.
@@ -25,7 +25,7 @@ from reference import TINY_TEXT_A, TINY_TEXT_B, build_checkpoint  # noqa: E402
 
 from mlx_gemma3n import load  # noqa: E402
 from mlx_gemma3n.convert import convert  # noqa: E402
-from mlx_gemma3n.quantization import RECIPES, is_quantizable  # noqa: E402
+from mlx_gemma3n.weights.quantization import RECIPES, is_quantizable  # noqa: E402
 
 GROUP_SIZE = 32
 MODE_ROWS = (("uniform4", "mxfp4"), ("uniform4", "nvfp4"), ("uniform8", "mxfp8"), ("mixed", "mxfp4"))

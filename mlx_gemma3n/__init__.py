@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .errors import Gemma3nError
 from .generate import GenerationResponse, generate, stream_generate
-from .loader import COMPUTE_DTYPES, load_model, resolve_model_path
-from .processor import Processor
+from .inputs.processor import Processor
+from .weights.loader import COMPUTE_DTYPES, load_model, resolve_model_path
 
 __all__ = ["load", "generate", "stream_generate", "GenerationResponse", "Gemma3nError"]
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import read_config
+from .architecture.config import read_config
 from .convert import convert
 from .errors import Gemma3nError, run_command
-from .loader import COMPUTE_DTYPES, resolve_model_path
+from .weights.loader import COMPUTE_DTYPES, resolve_model_path
 
 
 def float_dtype(raw_config: dict) -> str:

@@ -27,8 +27,8 @@ def prompt_ids(seed: int, length: int, vocab_size: int = 512, batch: int = 1) ->
 def greedy_ignoring_eos(model, processor, prompt, max_tokens: int, prefill_step_size: int = 100) -> list[int]:
     """Our greedy tokens with the stop tokens switched off (as reference.reference_greedy with
     stop_at_eos=False): exactly `max_tokens` of them."""
+    from mlx_gemma3n.decoding.sampling import SamplingParams
     from mlx_gemma3n.generate import Session
-    from mlx_gemma3n.sampling import SamplingParams
 
     eos, processor.eos_token_ids = processor.eos_token_ids, set()
     config_eos, model.config.eos_token_ids = model.config.eos_token_ids, []

@@ -15,11 +15,11 @@ import sys
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 import torch
 from helpers import greedy_ignoring_eos, prompt_ids, relative_error
+from mlx.utils import tree_flatten
 from reference import load_reference_model, reference_greedy, reference_logits
 from test_convert import FLOORS, quality
 from test_multimodal import hf_inputs, hf_processor, media, messages_with  # noqa: F401 (fixtures)
@@ -27,9 +27,9 @@ from test_multimodal import hf_inputs, hf_processor, media, messages_with  # noq
 from mlx_gemma3n import Gemma3nError, load
 from mlx_gemma3n.adapters import LoRALinear, TunedEmbedding
 from mlx_gemma3n.convert import convert
+from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.fuse import main as fuse_main
 from mlx_gemma3n.generate import Session, prepare_prompt
-from mlx_gemma3n.sampling import SamplingParams
 
 TOLERANCE = 1e-4
 # Attention, MLP, per-layer input gate/projection, LAuReL, the AltUp router, the audio tower's

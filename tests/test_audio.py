@@ -19,11 +19,12 @@ from helpers import relative_error
 from mlx.utils import tree_flatten, tree_map
 from reference import AUDIO_TOKEN_ID, BOA_ID, BOS_ID, EOA_ID, reference_intermediates
 
-from mlx_gemma3n.audio import AudioEncoder, soft_token_count
-from mlx_gemma3n.audio_features import GEMMA3N_AUDIO, MAX_SAMPLES, extract_features, load_audio, num_frames
-from mlx_gemma3n.config import EmbedderConfig
+from mlx_gemma3n.architecture.audio import AudioEncoder
+from mlx_gemma3n.architecture.config import EmbedderConfig
+from mlx_gemma3n.architecture.multimodal import MultimodalEmbedder
 from mlx_gemma3n.errors import Gemma3nError
-from mlx_gemma3n.multimodal import MultimodalEmbedder
+from mlx_gemma3n.inputs.audio_features import GEMMA3N_AUDIO, MAX_SAMPLES, extract_features, load_audio, num_frames
+from mlx_gemma3n.inputs.processor import soft_token_count
 
 TOLERANCE = 1e-4
 REAL = Path(__file__).resolve().parent / "data" / "gemma-3n-E2B-it"

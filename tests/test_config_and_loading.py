@@ -13,9 +13,9 @@ from mlx.utils import tree_flatten
 from transformers import Gemma3nTextConfig
 
 from mlx_gemma3n import Gemma3nError, load
-from mlx_gemma3n.config import FULL, SLIDING, ModelConfig, TextConfig, load_config
-from mlx_gemma3n.loader import our_name
-from mlx_gemma3n.model import Model
+from mlx_gemma3n.architecture.config import FULL, SLIDING, ModelConfig, TextConfig, load_config
+from mlx_gemma3n.architecture.model import Model
+from mlx_gemma3n.weights.loader import our_name
 
 E2B = Path(__file__).parent / "data" / "gemma-3n-E2B-it"
 
@@ -172,7 +172,7 @@ def test_dtype_override_and_checkpoint_dtype(tiny_ckpt_a):
 
 def test_ple_table_and_towers_stay_out_of_memory_after_load(tiny_ckpt_a):
     """The PLE table is read from its file a row at a time; tower weights load on first use."""
-    from mlx_gemma3n.mapped import MappedEmbedding
+    from mlx_gemma3n.weights.mapped import MappedEmbedding
 
     mx.clear_cache()
     before = mx.get_active_memory()

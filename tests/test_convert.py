@@ -24,8 +24,8 @@ import pytest
 from mlx_gemma3n import Gemma3nError, load
 from mlx_gemma3n.convert import convert
 from mlx_gemma3n.convert import shards as shards_module
-from mlx_gemma3n.mapped import MappedEmbedding
-from mlx_gemma3n.quantization import FLOAT_MODES
+from mlx_gemma3n.weights.mapped import MappedEmbedding
+from mlx_gemma3n.weights.quantization import FLOAT_MODES
 
 FLOORS = {  # recipe: (min top-1 agreement, max mean KL), float parts bf16
     None: (0.65, 0.03),  # not quantized

@@ -1,4 +1,4 @@
-"""Matmuls, convolutions and attention split over the CPU cores (`mlx_gemma3n.cpu_split`): every row computed once,
+"""Matmuls, convolutions and attention split over the CPU cores (`mlx_gemma3n.backends.cpu_split`): every row computed once,
 by the same dot product as the whole matmul, in layers, in a loaded model and through generation."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from helpers import prompt_ids
 
-from mlx_gemma3n import cpu_split, load
-from mlx_gemma3n.cache import sliding_window_mask
+from mlx_gemma3n import load
+from mlx_gemma3n.backends import cpu_split
+from mlx_gemma3n.architecture.cache import sliding_window_mask
+from mlx_gemma3n.architecture.model import apply_whole
+from mlx_gemma3n.architecture.vision import Conv2d
+from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.generate import Session
-from mlx_gemma3n.model import apply_whole
-from mlx_gemma3n.sampling import SamplingParams
-from mlx_gemma3n.vision import Conv2d
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mlx_gemma3n import generate, load
+from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.generate import ChatSession
-from mlx_gemma3n.sampling import SamplingParams
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

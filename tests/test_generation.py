@@ -12,9 +12,9 @@ from helpers import prompt_ids
 from reference import EOS_IDS, reference_greedy
 
 from mlx_gemma3n import load
-from mlx_gemma3n.cache import SlidingKVCache, kv_cache_bytes
+from mlx_gemma3n.architecture.cache import SlidingKVCache, kv_cache_bytes
+from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.generate import ChatSession, Session, StreamingDetokenizer, generate, prepare_prompt, stream_generate
-from mlx_gemma3n.sampling import SamplingParams
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
@@ -132,7 +132,7 @@ def test_kv_cache_plan_and_bytes(loaded):
 def load_e2b_text_config():
     from pathlib import Path
 
-    from mlx_gemma3n.config import load_config
+    from mlx_gemma3n.architecture.config import load_config
 
     return load_config(Path(__file__).parent / "data" / "gemma-3n-E2B-it").text
 

@@ -26,15 +26,15 @@ from reference import TINY_TEXT_E4B_LIKE, build_checkpoint, reference_greedy, re
 from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
 from mlx_gemma3n import Gemma3nError, load
-from mlx_gemma3n.config import ModelConfig, TextConfig
+from mlx_gemma3n.architecture.config import ModelConfig, TextConfig
+from mlx_gemma3n.architecture.model import Model
 from mlx_gemma3n.convert import convert
+from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.generate import Session
-from mlx_gemma3n.loader import load_model
-from mlx_gemma3n.mapped import MappedEmbedding, locate, read_header
-from mlx_gemma3n.matformer import Cut, Slicing, read_cut, resolve_spec, table
-from mlx_gemma3n.model import Model
-from mlx_gemma3n.quantization import quantization_plan
-from mlx_gemma3n.sampling import SamplingParams
+from mlx_gemma3n.weights.loader import load_model
+from mlx_gemma3n.weights.mapped import MappedEmbedding, locate, read_header
+from mlx_gemma3n.weights.matformer import Cut, Slicing, read_cut, resolve_spec, table
+from mlx_gemma3n.weights.quantization import quantization_plan
 
 E2B_CONFIG = Path(__file__).parent / "data" / "gemma-3n-E2B-it" / "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

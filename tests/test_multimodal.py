@@ -16,8 +16,8 @@ from PIL import Image
 from reference import reference_greedy, reference_image_processor, reference_intermediates
 
 from mlx_gemma3n import Gemma3nError, load
+from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.generate import Session, prepare_prompt
-from mlx_gemma3n.sampling import SamplingParams
 
 TOLERANCE = 1e-4
 

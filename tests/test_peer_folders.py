@@ -40,11 +40,11 @@ from PIL import Image
 from reference import TINY_TEXT_B, build_checkpoint, reference_greedy, reference_logits
 
 from mlx_gemma3n import Gemma3nError, load
+from mlx_gemma3n.architecture.model import TOWERS
+from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.generate import Session, prepare_prompt
-from mlx_gemma3n.loader import our_module_path
-from mlx_gemma3n.mapped import MappedEmbedding
-from mlx_gemma3n.model import TOWERS
-from mlx_gemma3n.sampling import SamplingParams
+from mlx_gemma3n.weights.loader import our_module_path
+from mlx_gemma3n.weights.mapped import MappedEmbedding
 
 TOLERANCE = 1e-4
 QUANTIZED_TOLERANCE = 1e-3

@@ -18,10 +18,10 @@ from PIL import Image
 from reference import build_checkpoint, build_tokenizer, reference_greedy, reference_image_processor
 
 from mlx_gemma3n import Gemma3nError, load
-from mlx_gemma3n.audio_features import GEMMA3N_AUDIO, load_audio
 from mlx_gemma3n.generate import prepare_prompt, stream_generate
-from mlx_gemma3n.image import GEMMA3N_IMAGE
-from mlx_gemma3n.processor import Processor
+from mlx_gemma3n.inputs.audio_features import GEMMA3N_AUDIO, load_audio
+from mlx_gemma3n.inputs.image import GEMMA3N_IMAGE
+from mlx_gemma3n.inputs.processor import Processor
 
 RATE = 16_000
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import mlx_gemma3n
+from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.generate import Session, StreamingDetokenizer, prepare_prompt
-from mlx_gemma3n.sampling import SamplingParams
 
 GENERATE_CLI = [sys.executable, "-W", "error", "-m", "mlx_gemma3n.generate"]
 

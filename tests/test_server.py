@@ -359,11 +359,11 @@ def test_bf16_batch_rows_equal_their_single_request_output(checkpoint):
     one costs B rows B times one), and each row of a batched bf16 step is the one it gets alone."""
     import threading
 
-    from mlx_gemma3n.loader import load_model
-    from mlx_gemma3n.processor import Processor
+    from mlx_gemma3n.inputs.processor import Processor
     from mlx_gemma3n.server.engine import Engine, Job
     from mlx_gemma3n.server.media import MediaLimits
     from mlx_gemma3n.server.requests import RequestContext, parse_completion
+    from mlx_gemma3n.weights.loader import load_model
 
     processor = Processor(checkpoint)
     engine = Engine(lambda: load_model(checkpoint, dtype="bfloat16", batched=True), processor, max_batch=4)

@@ -1,4 +1,4 @@
-"""Projections of one input as one matmul (`mlx_gemma3n.stacking`): stacked at load, the same numbers as
+"""Projections of one input as one matmul (`mlx_gemma3n.architecture.stacking`): stacked at load, the same numbers as
 part by part (prefill and compiled decode, float and int4, with an adapter), the same parameter names
 and memory, and part by part again when the parts' weights or modules are replaced."""
 
@@ -12,8 +12,8 @@ from helpers import prompt_ids
 from mlx.utils import tree_flatten
 
 from mlx_gemma3n import load
+from mlx_gemma3n.architecture.stacking import unstack_projections
 from mlx_gemma3n.convert import convert
-from mlx_gemma3n.stacking import unstack_projections
 
 
 def loaded_pair(path):
@@ -55,7 +55,7 @@ def test_float_model_stacks_each_layers_input_and_mlp_and_changes_no_number(tiny
 
 
 def test_parts_keep_their_names_and_the_memory_does_not_grow(tiny_ckpt_a, monkeypatch):
-    import mlx_gemma3n.loader as loader
+    import mlx_gemma3n.weights.loader as loader
 
     def memory_of_a_load():
         before = mx.get_active_memory()

@@ -17,8 +17,8 @@ from helpers import prompt_ids, relative_error, streams_as_reference
 from reference import reference_greedy, reference_intermediates, reference_logits
 
 from mlx_gemma3n import load
+from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.generate import Session
-from mlx_gemma3n.sampling import SamplingParams
 
 TOLERANCE = 1e-4
 PROMPT_LENGTH = 40

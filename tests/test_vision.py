@@ -16,15 +16,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from helpers import relative_error
-from reference import reference_image_processor
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from PIL import Image
+from reference import reference_image_processor
 
-from mlx_gemma3n.config import EmbedderConfig
+from mlx_gemma3n.architecture.config import EmbedderConfig
+from mlx_gemma3n.architecture.multimodal import MultimodalEmbedder
+from mlx_gemma3n.architecture.vision import VisionTower
 from mlx_gemma3n.errors import Gemma3nError
-from mlx_gemma3n.image import GEMMA3N_IMAGE, load_image, preprocess_image
-from mlx_gemma3n.multimodal import MultimodalEmbedder
-from mlx_gemma3n.vision import VisionTower
+from mlx_gemma3n.inputs.image import GEMMA3N_IMAGE, load_image, preprocess_image
 
 REAL = Path(__file__).parent / "data" / "gemma-3n-E2B-it"
 POINTS = ["stem", "stage0", "stage1", "stage2", "stage3", "msfa"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cpu_split import split_over_cores
+from ..backends.cpu_split import split_over_cores
 
 LORA_KEYS = ("lora_a", "lora_b", "scale")
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mlx_gemma3n.errors import Gemma3nError, run_command
-from mlx_gemma3n.quantization import MODES, RECIPES
+from mlx_gemma3n.weights.quantization import MODES, RECIPES
 
 from .convert import convert
 

@@ -22,14 +22,14 @@ from mlx.utils import tree_flatten
 from mlx_gemma3n.adapters import read_adapter
 from mlx_gemma3n.adapters.reader import HEAD
 from mlx_gemma3n.adapters.switch import EMBEDDING
-from mlx_gemma3n.config import ModelConfig, read_config
+from mlx_gemma3n.architecture.config import ModelConfig, read_config
+from mlx_gemma3n.architecture.model import TOWERS, Model
 from mlx_gemma3n.errors import Gemma3nError
-from mlx_gemma3n.hf_export import hf_name, stored_in_torch_layout, torch_layout_fixes
-from mlx_gemma3n.loader import COMPUTE_DTYPES, check_names, our_name, resolve_model_path, safetensors_names, weight_files
-from mlx_gemma3n.matformer import CutLocation, Slicing, resolve_spec
-from mlx_gemma3n.mapped import SAFETENSORS_DTYPES, TensorLocation, locate, read_header
-from mlx_gemma3n.model import TOWERS, Model
-from mlx_gemma3n.quantization import (
+from mlx_gemma3n.weights.hf_export import hf_name, stored_in_torch_layout, torch_layout_fixes
+from mlx_gemma3n.weights.loader import COMPUTE_DTYPES, check_names, our_name, resolve_model_path, safetensors_names, weight_files
+from mlx_gemma3n.weights.mapped import SAFETENSORS_DTYPES, TensorLocation, locate, read_header
+from mlx_gemma3n.weights.matformer import CutLocation, Slicing, resolve_spec
+from mlx_gemma3n.weights.quantization import (
     AFFINE_BITS, AFFINE_GROUP_SIZES, FLOAT_MODES, MODES, RECIPES, config_block, quantization_plan,
     quantize_like_checkpoint,
 )

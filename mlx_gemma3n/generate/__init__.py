@@ -13,9 +13,9 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from ..decoding.sampling import SamplingParams, sample
 from ..errors import Gemma3nError
-from ..processor import Prompt
-from ..sampling import SamplingParams, sample
+from ..inputs.processor import Prompt
 
 
 @dataclass

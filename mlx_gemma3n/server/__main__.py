@@ -48,8 +48,8 @@ def adapter_pairs(specs: list[str]) -> list[tuple[str, str]]:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from ..loader import load_model, resolve_model_path
-    from ..processor import Processor
+    from ..inputs.processor import Processor
+    from ..weights.loader import load_model, resolve_model_path
     from .app import Security, create_app
     from .engine import Engine
     from .grammar import Grammars

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from ..decoding.sampling import sample
 from ..generate import StreamingDetokenizer
-from ..sampling import sample
 from .requests import GenerationRequest
 
 

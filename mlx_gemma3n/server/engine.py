@@ -19,7 +19,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..cache import batched_cache
+from ..architecture.cache import batched_cache
 from ..errors import Gemma3nError
 from .decoding import Decoder, Delta, Usage
 from .errors import ApiError

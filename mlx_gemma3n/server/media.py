@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..audio_features import decode_audio
 from ..errors import Gemma3nError
-from ..image import load_image, open_image
+from ..inputs.audio_features import decode_audio
+from ..inputs.image import load_image, open_image
 from .errors import bad_request
 
 DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Gemma3nError
 from ..generate import sampling_params
-from ..processor import Prompt
+from ..inputs.processor import Prompt
 from .errors import ApiError, bad_request
 from .grammar import Grammars
 from .media import MediaLimits, audio_from_part, image_from_url

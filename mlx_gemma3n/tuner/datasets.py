@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import Gemma3nError
-from ..processor import Processor
+from ..inputs.processor import Processor
 
 IGNORE = -100
 FORMATS = "'messages', 'prompt' and 'completion', or 'text'"

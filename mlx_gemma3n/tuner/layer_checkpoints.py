@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..text import DecoderLayer
+from ..architecture.text import DecoderLayer
 
 
 class CheckpointedDecoderLayer(DecoderLayer):

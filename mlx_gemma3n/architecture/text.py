@@ -12,8 +12,8 @@ from statistics import NormalDist
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import FULL, SLIDING, TextConfig
 from .cache import sliding_window_mask
+from .config import FULL, SLIDING, TextConfig
 from .stacking import StackedLinears, project
 
 

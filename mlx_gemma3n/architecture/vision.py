@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import Gemma3nError
+from ..errors import Gemma3nError
 
 # timm's block strings: type, a/k = start/middle depthwise kernel (0: none), s = stride, e = expansion,
 # c = output channels; for "mqa": h = heads, d = key/value dim, v = key/value downsampling stride.

@@ -10,8 +10,8 @@ from typing import Callable
 
 import mlx.nn as nn
 
-from .errors import Gemma3nError
-from .vision import Conv2d
+from ..architecture.vision import Conv2d
+from ..errors import Gemma3nError
 
 # AltUp's coefficient and router matrices and LAuReL's rank-64 side path are tiny and sensitive.
 # The towers quantize only when asked (`tower_bits`): the audio conformer's Linears and the vision

@@ -6,13 +6,13 @@ import hashlib
 from dataclasses import asdict
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 
+from ..errors import Gemma3nError
 from .audio import AudioEncoder
 from .cache import make_cache
 from .config import ModelConfig
-from .errors import Gemma3nError
 from .multimodal import MultimodalEmbedder
 from .stacking import unstack_projections
 from .text import TextModel
@@ -68,13 +68,13 @@ class Model(nn.Module):
 
     def load_adapter(self, path_or_hub_id, name: str = "default") -> None:
         """Read a PEFT LoRA adapter (folder or hub id) over this model and make it the active one."""
-        from .adapters import adapter_set
+        from ..adapters import adapter_set
 
         adapter_set(self).load(path_or_hub_id, name)
 
     def set_adapter(self, name: str | None) -> None:
         """Switch to a loaded adapter by name, or back to the base model with None."""
-        from .adapters import adapter_set
+        from ..adapters import adapter_set
 
         adapter_set(self).activate(name)
 

@@ -14,8 +14,8 @@ import json
 
 import mlx.core as mx
 
+from ..errors import Gemma3nError
 from .config import SLIDING, TextConfig
-from .errors import Gemma3nError
 
 
 def sliding_window_mask(query_positions: mx.array, key_positions: mx.array, window: int) -> mx.array:

@@ -16,8 +16,8 @@ from contextlib import nullcontext
 import mlx.core as mx
 import mlx.nn as nn
 
-from .text import Attention
-from .vision import Conv2d
+from ..architecture.text import Attention
+from ..architecture.vision import Conv2d
 
 # Multiply-adds a part must have: below this the cross-stream scheduling costs more than the core
 # saves (measured: a 64 x 256 matvec slows from 0.06 to 0.09 ms when split, 1024 x 256 speeds up).

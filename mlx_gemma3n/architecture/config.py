@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import Gemma3nError
+from ..errors import Gemma3nError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"

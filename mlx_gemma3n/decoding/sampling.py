@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .errors import Gemma3nError
+from ..errors import Gemma3nError
 
 NEG_INF = float("-inf")
 

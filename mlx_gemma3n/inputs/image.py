@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import Gemma3nError
+from ..errors import Gemma3nError
 
 URL_TIMEOUT = 30.0
 MAX_WEIGHT_BITS = 15  # torch's int16 resampling weights

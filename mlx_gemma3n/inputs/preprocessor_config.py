@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import Gemma3nError
 from .audio_features import GEMMA3N_AUDIO, MAX_SAMPLES, PAD_TO_MULTIPLE_OF, AudioFeatureSettings
-from .errors import Gemma3nError
 from .image import GEMMA3N_IMAGE, RESAMPLE_MODES, ImageSettings
 
 PROCESSOR_CONFIG, PREPROCESSOR_CONFIG = "processor_config.json", "preprocessor_config.json"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .audio import AudioEncoder
-from .vision import VisionTower
+from ..architecture.audio import AudioEncoder
+from ..architecture.vision import VisionTower
 
 TOWER_CLASSES = {"vision_tower": VisionTower, "audio_tower": AudioEncoder}
 

@@ -8,12 +8,12 @@ import sys
 
 import mlx.core as mx
 
-from . import load
-from .cache import kv_cache_bytes, load_prompt_cache, save_prompt_cache
-from .errors import Gemma3nError, run_command
-from .generate import ChatSession, Session, prepare_prompt, sampling_params
-from .processor import Prompt
-from .sampling import SamplingParams
+from .. import load
+from ..architecture.cache import kv_cache_bytes, load_prompt_cache, save_prompt_cache
+from ..decoding.sampling import SamplingParams
+from ..errors import Gemma3nError, run_command
+from ..inputs.processor import Prompt
+from . import ChatSession, Session, prepare_prompt, sampling_params
 
 DEFAULT_MODEL = "google/gemma-3n-E2B-it"
 

@@ -14,13 +14,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig, load_config
-from .cpu_split import split_elementwise, split_over_cores
-from .errors import Gemma3nError
+from ..architecture.config import ModelConfig, load_config
+from ..architecture.model import TOWERS, Model
+from ..architecture.stacking import stack_projections
+from ..backends.cpu_split import split_elementwise, split_over_cores
+from ..errors import Gemma3nError
 from .mapped import MappedEmbedding, TensorLocation, locate, read_header
-from .model import TOWERS, Model
 from .quantization import module_entries_renamed, quantize_like_checkpoint
-from .stacking import stack_projections
 
 # What a model folder needs; nothing else is downloaded (no pickles, no remote code).
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]

@@ -9,6 +9,7 @@ Transformers is not imported at run time: it is heavy to import and not needed t
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,18 +17,27 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .audio import AudioConfig, soft_token_count
-from .audio_features import extract_features, load_audio
-from .errors import Gemma3nError
+from ..architecture.audio import AudioConfig
+from ..errors import Gemma3nError
+from .audio_features import GEMMA3N_AUDIO, AudioFeatureSettings, extract_features, load_audio, num_frames
 from .image import preprocess_image
 from .preprocessor_config import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, preprocessing_settings
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def soft_token_count(num_samples: int, audio_config: dict, settings: AudioFeatureSettings = GEMMA3N_AUDIO) -> int:
+    """How many soft tokens the encoder gives for one clip of `num_samples` samples (all valid; the
+    model pads them to `audio_soft_tokens_per_image`), its features made with `settings`."""
+    config = AudioConfig.from_dict(audio_config)
+    steps = num_frames(num_samples, settings)
+    for stride_t, _ in config.sscp_conv_stride_size:
+        steps = math.ceil(steps / stride_t)
+    return math.ceil(steps / config.conf_reduction_factor)
 
 
 @dataclass

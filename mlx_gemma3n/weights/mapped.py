@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import Gemma3nError
+from ..errors import Gemma3nError
 
 # safetensors dtype -> (numpy dtype used to map it, MLX dtype the bytes are viewed as)
 SAFETENSORS_DTYPES = {

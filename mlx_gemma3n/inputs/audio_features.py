@@ -24,7 +24,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from .errors import Gemma3nError
+from ..errors import Gemma3nError
 
 # Arguments of Transformers' extractor call, not settings of its config: the same for every checkpoint.
 PAD_TO_MULTIPLE_OF = 128

@@ -22,8 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .audio_features import GEMMA3N_AUDIO, AudioFeatureSettings, num_frames
-from .errors import Gemma3nError
+from ..errors import Gemma3nError
 from .text import RMSNorm
 
 
@@ -58,16 +57,6 @@ class AudioConfig:
 def as_tuples(value):
     """JSON lists (nested too) as tuples, so the config is hashable and immutable."""
     return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def soft_token_count(num_samples: int, audio_config: dict, settings: AudioFeatureSettings = GEMMA3N_AUDIO) -> int:
-    """How many soft tokens the encoder gives for one clip of `num_samples` samples (all valid; the
-    model pads them to `audio_soft_tokens_per_image`), its features made with `settings`."""
-    config = AudioConfig.from_dict(audio_config)
-    steps = num_frames(num_samples, settings)
-    for stride_t, _ in config.sscp_conv_stride_size:
-        steps = math.ceil(steps / stride_t)
-    return math.ceil(steps / config.conf_reduction_factor)
 
 
 def clip(x: mx.array, limit: float) -> mx.array:
