@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .adapters import ModelWithAdapters
+from .architecture.model import Model
 from .errors import Gemma3nError
 from .generate import GenerationResponse, generate, stream_generate
 from .inputs.processor import Processor
-from .weights.loader import COMPUTE_DTYPES, load_model, resolve_model_path
+from .weights.files import resolve_model_path
+from .weights.loader import COMPUTE_DTYPES, load_model
 
-__all__ = ["load", "generate", "stream_generate", "GenerationResponse", "Gemma3nError"]
+__all__ = ["load", "generate", "stream_generate", "GenerationResponse", "Gemma3nError", "Model", "Processor"]
 
 
 def load(path_or_hub_id: str | Path, dtype=None, adapter_path: str | Path | None = None, matformer=None):
@@ -29,7 +32,7 @@ def load(path_or_hub_id: str | Path, dtype=None, adapter_path: str | Path | None
     if isinstance(dtype, str) and dtype not in COMPUTE_DTYPES:
         raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(COMPUTE_DTYPES)})")
     model_dir = resolve_model_path(path_or_hub_id)
-    model = load_model(model_dir, dtype=dtype, matformer=matformer)
+    model = load_model(model_dir, dtype=dtype, matformer=matformer, model_class=ModelWithAdapters)
     if adapter_path is not None:
         model.load_adapter(adapter_path)
     return model, Processor(model_dir)

@@ -14,7 +14,8 @@ import sys
 from .architecture.config import read_config
 from .convert import convert
 from .errors import Gemma3nError, run_command
-from .weights.loader import COMPUTE_DTYPES, resolve_model_path
+from .weights.files import resolve_model_path
+from .weights.loader import COMPUTE_DTYPES
 
 
 def float_dtype(raw_config: dict) -> str:

@@ -15,7 +15,7 @@ from transformers import Gemma3nTextConfig
 from mlx_gemma3n import Gemma3nError, load
 from mlx_gemma3n.architecture.config import FULL, SLIDING, ModelConfig, TextConfig, load_config
 from mlx_gemma3n.architecture.model import Model
-from mlx_gemma3n.weights.loader import our_name
+from mlx_gemma3n.weights.files import our_name
 
 E2B = Path(__file__).parent / "data" / "gemma-3n-E2B-it"
 

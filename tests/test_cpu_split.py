@@ -10,10 +10,10 @@ import pytest
 from helpers import prompt_ids
 
 from mlx_gemma3n import load
-from mlx_gemma3n.backends import cpu_split
 from mlx_gemma3n.architecture.cache import sliding_window_mask
 from mlx_gemma3n.architecture.model import apply_whole
 from mlx_gemma3n.architecture.vision import Conv2d
+from mlx_gemma3n.backends import cpu_split
 from mlx_gemma3n.decoding.sampling import SamplingParams
 from mlx_gemma3n.generate import Session
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import Gemma3nError
-from ..weights.loader import our_name, resolve_model_path, safetensors_names
+from ..weights.files import our_name, resolve_model_path, safetensors_names
 from .modules import (
     LINEAR_TYPES, MULTIMODAL_TEXT_PREFIX, TEXT_ONLY_TEXT_PREFIX, float_shape, hf_module_name, linear_paths, module_at,
 )

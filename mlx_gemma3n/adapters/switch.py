@@ -1,5 +1,6 @@
 """Several adapters over one base model: each is read once, and switching puts its arrays into the
-wrapper layers (and takes the previous one's out) without touching the base weights."""
+wrapper layers (and takes the previous one's out) without touching the base weights. `ModelWithAdapters`
+is the model `load` builds: Gemma 3n with `load_adapter` / `set_adapter`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..architecture.model import TOWERS, Model
 from ..errors import Gemma3nError
 from .layers import LoRALinear, TunedEmbedding
 from .modules import module_at, wrapped_at
@@ -69,8 +71,25 @@ class AdapterSet:
             module[kind] = tuned
 
 
-def adapter_set(model: nn.Module) -> AdapterSet:
-    adapters = model.__dict__.get("_adapter_set")
-    if adapters is None:
-        adapters = model.__dict__["_adapter_set"] = AdapterSet(model)
-    return adapters
+class ModelWithAdapters(Model):
+    """Gemma 3n that runs PEFT LoRA adapters over its weights, unfused, switched by name."""
+
+    def __init__(self, config, towers: tuple[str, ...] = TOWERS):
+        super().__init__(config, towers)
+        self.__dict__["adapter_set"] = AdapterSet(self)  # not a child module: no parameters of its own
+
+    def load_adapter(self, path_or_hub_id, name: str = "default") -> None:
+        """Read a PEFT LoRA adapter (folder or hub id) over this model and make it the active one."""
+        self.adapter_set.load(path_or_hub_id, name)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Switch to a loaded adapter by name, or back to the base model with None."""
+        self.adapter_set.activate(name)
+
+    def fingerprint_parts(self) -> list[bytes]:
+        """The base model's, and the active adapter's name and source: a file made under one adapter
+        does not fit another."""
+        adapters = self.adapter_set
+        if adapters.active is None:
+            return super().fingerprint_parts()
+        return [*super().fingerprint_parts(), f"adapter {adapters.active} {adapters.adapters[adapters.active].source}".encode()]

@@ -55,28 +55,18 @@ class Model(nn.Module):
     def make_cache(self) -> list:
         return make_cache(self.config.text)
 
+    def fingerprint_parts(self) -> list[bytes]:
+        """What identifies the model: its text config and a few of its weights."""
+        lm = self.language_model
+        weights = (lm.norm.weight, lm.layers[0].input_layernorm.weight, lm.layers[-1].altup.correct_output_scale)
+        return [repr(asdict(self.config.text)).encode()] + [np.array(w.astype(mx.float32)).tobytes() for w in weights]
+
     def fingerprint(self) -> str:
         """Identifies the model (architecture and weights) for files made with it, e.g. prompt caches."""
-        lm = self.language_model
-        digest = hashlib.sha256(repr(asdict(self.config.text)).encode())
-        for weight in (lm.norm.weight, lm.layers[0].input_layernorm.weight, lm.layers[-1].altup.correct_output_scale):
-            digest.update(np.array(weight.astype(mx.float32)).tobytes())
-        adapters = self.__dict__.get("_adapter_set")
-        if adapters is not None and adapters.active is not None:
-            digest.update(f"adapter {adapters.active} {adapters.adapters[adapters.active].source}".encode())
+        digest = hashlib.sha256()
+        for part in self.fingerprint_parts():
+            digest.update(part)
         return digest.hexdigest()[:32]
-
-    def load_adapter(self, path_or_hub_id, name: str = "default") -> None:
-        """Read a PEFT LoRA adapter (folder or hub id) over this model and make it the active one."""
-        from ..adapters import adapter_set
-
-        adapter_set(self).load(path_or_hub_id, name)
-
-    def set_adapter(self, name: str | None) -> None:
-        """Switch to a loaded adapter by name, or back to the base model with None."""
-        from ..adapters import adapter_set
-
-        adapter_set(self).activate(name)
 
     def hard_token_embeddings(self):
         """(first multimodal id, table of every multimodal hard token's embedding), built once.

@@ -26,7 +26,8 @@ from mlx_gemma3n.architecture.config import ModelConfig, read_config
 from mlx_gemma3n.architecture.model import TOWERS, Model
 from mlx_gemma3n.errors import Gemma3nError
 from mlx_gemma3n.weights.hf_export import hf_name, stored_in_torch_layout, torch_layout_fixes
-from mlx_gemma3n.weights.loader import COMPUTE_DTYPES, check_names, our_name, resolve_model_path, safetensors_names, weight_files
+from mlx_gemma3n.weights.files import our_name, resolve_model_path, safetensors_names, weight_files
+from mlx_gemma3n.weights.loader import COMPUTE_DTYPES, check_names
 from mlx_gemma3n.weights.mapped import SAFETENSORS_DTYPES, TensorLocation, locate, read_header
 from mlx_gemma3n.weights.matformer import CutLocation, Slicing, resolve_spec
 from mlx_gemma3n.weights.quantization import (

@@ -48,8 +48,10 @@ def adapter_pairs(specs: list[str]) -> list[tuple[str, str]]:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from ..adapters import ModelWithAdapters
     from ..inputs.processor import Processor
-    from ..weights.loader import load_model, resolve_model_path
+    from ..weights.files import resolve_model_path
+    from ..weights.loader import load_model
     from .app import Security, create_app
     from .engine import Engine
     from .grammar import Grammars
@@ -60,7 +62,8 @@ def serve(args: argparse.Namespace) -> None:
     processor = Processor(model_dir)
 
     def load_in_engine():
-        model = load_model(model_dir, dtype=args.dtype, matformer=args.matformer, batched=args.max_batch > 1)
+        model = load_model(model_dir, dtype=args.dtype, matformer=args.matformer, batched=args.max_batch > 1,
+                           model_class=ModelWithAdapters)
         for name, path in adapters:
             model.load_adapter(path, name)
         if adapters:

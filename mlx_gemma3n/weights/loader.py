@@ -1,4 +1,5 @@
-"""config.json + safetensors (single file or sharded) -> Model; local folder or Hugging Face hub id.
+"""A model folder's config.json + safetensors (single file or sharded) -> Model (files.py finds the
+folder, locally or on the Hugging Face Hub, and its weight files).
 
 Weights are read from safetensors only (never pickle). Every shard is checked against its own header
 before use, so a truncated or corrupt file is reported by name.
@@ -6,7 +7,6 @@ before use, so a truncated or corrupt file is reported by name.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,111 +19,14 @@ from ..architecture.model import TOWERS, Model
 from ..architecture.stacking import stack_projections
 from ..backends.cpu_split import split_elementwise, split_over_cores
 from ..errors import Gemma3nError
+from .files import our_name, weight_files
 from .mapped import MappedEmbedding, TensorLocation, locate, read_header
+from .matformer import slice_at_load
 from .quantization import module_entries_renamed, quantize_like_checkpoint
 
-# What a model folder needs; nothing else is downloaded (no pickles, no remote code).
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]
-SHARED_KV_PARAMS = ("k_proj", "v_proj", "k_norm", "v_norm")
 MAPPED_TABLE = "language_model.embed_tokens_per_layer"
 EMBEDDERS = ("embed_vision.", "embed_audio.")
-UNGATED_MODEL = "mlx-community/gemma-3n-E2B-it-4bit"  # mlx-vlm's 4-bit conversion of the gated default
 COMPUTE_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-
-
-def resolve_model_path(path_or_hub_id: str | Path, patterns=HUB_PATTERNS, what: str = "model") -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (only the files matching `patterns`:
-    those a model needs, or an adapter's)."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise Gemma3nError(f"{what} path {path} is a file, expected a {what} folder")
-        return path
-    name = str(path_or_hub_id)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise Gemma3nError(f"{what} path {name} does not exist")
-    return Path(download(name, patterns))
-
-
-def access_denied(repo_id: str) -> Gemma3nError:
-    return Gemma3nError(
-        f"'{repo_id}' is gated on the Hugging Face Hub and this machine has no access to it: accept its licence "
-        f"on https://huggingface.co/{repo_id} (signed in), then run `hf auth login` here with a token of that "
-        f"account; or load the ungated MLX folder {UNGATED_MODEL} instead"
-    )
-
-
-def download(repo_id: str, patterns=HUB_PATTERNS) -> str:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return snapshot_download(repo_id, allow_patterns=patterns)
-    except GatedRepoError:
-        raise access_denied(repo_id) from None
-    except RepositoryNotFoundError:
-        raise Gemma3nError(f"'{repo_id}' is not a model on the Hugging Face Hub (or it is private)") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        if getattr(getattr(exc, "response", None), "status_code", None) in (401, 403):
-            raise access_denied(repo_id) from None
-        raise Gemma3nError(
-            f"cannot download '{repo_id}' from the Hugging Face Hub (offline? {type(exc).__name__}); "
-            "pass a local model folder instead"
-        ) from None
-
-
-def safetensors_names(path: Path) -> list[str]:
-    """Tensor names of a safetensors file, after checking that the file holds all the data its header
-    promises (a truncated download fails here, naming the file)."""
-    return list(read_header(path)[1])
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise Gemma3nError(f"{index} is not a valid safetensors index ({exc})") from None
-        missing = [n for n in shard_names if not (model_dir / n).is_file()]
-        if missing:
-            raise Gemma3nError(f"shard(s) named in {index.name} are missing: {', '.join(missing)}")
-        return [model_dir / n for n in shard_names]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
-            raise Gemma3nError(f"{model_dir} has only PyTorch pickle weights; convert them to safetensors first")
-        raise Gemma3nError(f"no .safetensors weights in {model_dir}")
-    return files
-
-
-def our_name(hf_name: str, config: ModelConfig) -> str | None:
-    """Our parameter name for a checkpoint tensor, or None for a tensor we do not use.
-
-    Names tell the folder's layout: Transformers / Google (`model.language_model.`, `model.vision_tower.`,
-    ...; text-only `model.`), mlx-lm (Transformers' names, text part only), mlx-vlm
-    (`language_model.model.`, `vision_tower.`, ...) and ours (`language_model.`, `vision_tower.`, ...)."""
-    for prefix, ours in (
-        ("model.language_model.", "language_model."),
-        ("language_model.model.", "language_model."),
-        ("model.embed_vision.", "embed_vision."),
-        ("model.embed_audio.", "embed_audio."),
-        ("model.vision_tower.", "vision_tower."),
-        ("model.audio_tower.", "audio_tower."),
-        ("model.", "language_model."),
-    ):
-        if hf_name.startswith(prefix):
-            name = ours + hf_name[len(prefix) :]
-            break
-    else:
-        name = hf_name
-    if name == "lm_head.weight":  # tied to the token embedding
-        return None
-    parts = name.split(".")
-    if parts[:2] == ["language_model", "layers"] and parts[3:4] == ["self_attn"] and parts[4] in SHARED_KV_PARAMS:
-        if int(parts[2]) >= config.text.first_kv_shared_layer:
-            return None  # Google's checkpoints carry unused k/v weights on KV-shared layers
-    return name
 
 
 def clip_altup_coefficients(weights: dict, config: ModelConfig) -> None:
@@ -226,22 +129,21 @@ def text_part(config: ModelConfig) -> ModelConfig:
     return replace(config, model_type="gemma3n_text", vision=None, audio=None, vision_tower={}, audio_tower={})
 
 
-def load_model(model_dir: Path, dtype=None, matformer=None, batched: bool = False) -> Model:
+def load_model(model_dir: Path, dtype=None, matformer=None, batched: bool = False, model_class: type[Model] = Model) -> Model:
     """matformer: a MatFormer slice (a name from its table or a JSON spec, see matformer.py) cut from
     the folder's weights as they are read. batched: the model will decode several sequences per step
-    (see `adapt_to_cpu`)."""
+    (see `adapt_to_cpu`). model_class: what is built, Model or a subclass (adapters.ModelWithAdapters
+    runs PEFT adapters)."""
     config = load_config(model_dir)
     weights, towers, mapped = read_weights(model_dir, config)
     table_columns = None
     if matformer is not None:
-        from .matformer import slice_at_load  # matformer.py builds on this module
-
         config, weights, table_columns = slice_at_load(matformer, model_dir, config, weights, mapped)
     if config.is_multimodal and not any(name.startswith(EMBEDDERS) for name in weights):
         config = text_part(config)
     if config.quantization:
         config = replace(config, quantization=our_quantization_block(config))
-    model = Model(config, towers=tuple(towers) if config.is_multimodal else ())
+    model = model_class(config, towers=tuple(towers) if config.is_multimodal else ())
     for tower, tower_weights in towers.items():
         weights.update({f"{tower}.{k}": v for k, v in model[tower].sanitize(tower_weights).items()})
     if config.quantization:

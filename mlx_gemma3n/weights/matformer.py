@@ -41,7 +41,7 @@ import numpy as np
 
 from ..architecture.config import ModelConfig, TextConfig, read_config
 from ..errors import Gemma3nError
-from .loader import our_name, weight_files
+from .files import our_name, weight_files
 from .mapped import MappedRows, TensorLocation, locate, read_header
 from .quantization import module_entries_renamed
 
