@@ -1,4 +1,4 @@
-"""`python -m mlx_gemma3n.generate`: the command line (mlx_gemma3n/cli.py)."""
+"""`python -m mlx_gemma3n.generate`: the command line (generate/cli.py)."""
 
 import sys
 
