@@ -1,4 +1,4 @@
-"""The MatFormer size/speed curve: each published slice of E4B (mlx_gemma3n/matformer.py's table),
+"""The MatFormer size/speed curve: each published slice of E4B (mlx_gemma3n/weights/matformer.py's table),
 int4, run two ways: cut as it loads from the full E4B folder, and converted into a folder of its own.
 
     python -m benchmarks.matformer_curve [--rows 0,1,9] [--prompt 16] [--decode 8] [--warmup 4]

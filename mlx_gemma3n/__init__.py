@@ -11,12 +11,14 @@ from pathlib import Path
 
 from .adapters import ModelWithAdapters
 from .architecture.model import Model
+from .command import package_version
 from .errors import Gemma3nError
 from .generate import GenerationResponse, generate, stream_generate
 from .inputs.processor import Processor
 from .weights.files import resolve_model_path
 from .weights.loader import COMPUTE_DTYPES, load_model
 
+__version__ = package_version()
 __all__ = ["load", "generate", "stream_generate", "GenerationResponse", "Gemma3nError", "Model", "Processor"]
 
 

@@ -8,10 +8,10 @@ loads. Without an adapter, `--hf-format` / `--dequantize` export the base model 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from .architecture.config import read_config
+from .command import command_parser
 from .convert import convert
 from .errors import Gemma3nError, run_command
 from .weights.files import resolve_model_path
@@ -28,7 +28,7 @@ def float_dtype(raw_config: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.fuse", description=__doc__)
+    parser = command_parser("mlx_gemma3n.fuse", description=__doc__)
     parser.add_argument("--model", required=True, help="base model: a Hugging Face or MLX folder, or a hub id")
     parser.add_argument("--adapter-path", help="PEFT LoRA adapter: folder or hub id")
     parser.add_argument("--save-path", required=True, help="destination folder")
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-format", action="store_true", help="write a Transformers checkpoint (float weights)")
     parser.add_argument("--dtype", choices=list(COMPUTE_DTYPES), help="float dtype of the output (default: the base's)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (shown on stderr when it is a terminal)")
     args = parser.parse_args(argv)
     return run_command(lambda: fuse(args))
 
@@ -46,7 +47,7 @@ def fuse(args) -> None:
     dtype = args.dtype or float_dtype(read_config(resolve_model_path(args.model)))
     folder = convert(
         args.model, args.save_path, dtype=dtype, force=args.force, adapter_path=args.adapter_path,
-        dequantize=args.dequantize, hf_format=args.hf_format,
+        dequantize=args.dequantize, hf_format=args.hf_format, quiet=args.quiet,
     )
     print(f"[fuse] wrote {folder}", file=sys.stderr)
 

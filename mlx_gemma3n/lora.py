@@ -17,6 +17,7 @@ import math
 import sys
 from pathlib import Path
 
+from .command import command_parser
 from .errors import Gemma3nError, run_command
 from .tuner.adapter import DEFAULT_TARGETS
 from .tuner.optimizers import OPTIMIZERS, SCHEDULES
@@ -25,8 +26,8 @@ from .tuner.trainer import TrainingArgs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.lora", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("mlx_gemma3n.lora", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("-c", "--config", help="YAML file with any of these options (keys with underscores)")
     add("--model", help="base model: a Hugging Face or MLX folder (quantized: QLoRA), or a hub id")

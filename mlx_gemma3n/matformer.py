@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-import argparse
-
+from .command import command_parser
 from .errors import run_command
 from .weights.matformer import TABLE_SOURCE, table
 
@@ -37,7 +36,7 @@ def table_text() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.matformer", description=__doc__.split("\n")[0])
+    parser = command_parser("mlx_gemma3n.matformer", description=__doc__.split("\n")[0])
     parser.add_argument("--list", action="store_true", help="print the table of published slices of E4B")
     args = parser.parse_args(argv)
     if not args.list:

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlx_gemma3n"
 # Low to high; a module may import its own layer's modules and those of lower layers. The entry points
 # (the public API, the commands) share the top layer.
 LAYERS = [
-    {"errors"},
+    {"errors", "command"},
     {"architecture"},
     {"backends"},
     {"weights"},

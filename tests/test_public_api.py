@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 
@@ -76,3 +77,12 @@ def test_cli_show_special_tokens(tiny_ckpt_a, loaded, tiny_tokenizer):
         result = subprocess.run(base + extra, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
         assert result.stdout.rstrip("\n") == expected
+
+
+def test_public_names(loaded):
+    from mlx_gemma3n import Model, Processor, __version__
+
+    model, processor = loaded
+    assert isinstance(model, Model) and isinstance(processor, Processor)
+    assert callable(model.load_adapter) and callable(model.set_adapter)
+    assert __version__ == importlib.metadata.version("mlx-gemma3n")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from mlx_gemma3n.command import command_parser
 from mlx_gemma3n.errors import Gemma3nError, run_command
 from mlx_gemma3n.weights.quantization import MODES, RECIPES
 
@@ -23,7 +23,7 @@ def upload(folder, repo_id: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.convert", description=__doc__)
+    parser = command_parser("mlx_gemma3n.convert", description=__doc__)
     parser.add_argument("--hf-path", required=True, help="source: local folder or Hugging Face hub id")
     parser.add_argument("--mlx-path", required=True, help="destination folder")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32 (float parts)")
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
                         "from `python -m mlx_gemma3n.matformer --list` or a JSON file")
     parser.add_argument("--upload-repo", help="upload the result to this hub repo (ORG/NAME)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (shown on stderr when it is a terminal)")
     args = parser.parse_args(argv)
     return run_command(lambda: convert_and_upload(args))
 
@@ -50,7 +51,7 @@ def convert_and_upload(args) -> None:
     folder = convert(
         args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize or bool(args.quant_recipe),
         q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode, q_tower_bits=args.quantize_towers, quant_recipe=args.quant_recipe, force=args.force,
-        adapter_path=args.adapter_path, matformer=args.matformer,
+        adapter_path=args.adapter_path, matformer=args.matformer, quiet=args.quiet,
     )
     print(f"[convert] wrote {folder}", file=sys.stderr)
     if args.upload_repo:

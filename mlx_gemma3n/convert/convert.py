@@ -35,6 +35,7 @@ from mlx_gemma3n.weights.quantization import (
     quantize_like_checkpoint,
 )
 
+from .progress import with_progress
 from .shards import ShardWriter
 
 # Files copied beside the weights: tokenizer, chat template, processor and generation configs.
@@ -141,6 +142,7 @@ def convert(
     dequantize: bool = False,
     hf_format: bool = False,
     matformer=None,
+    quiet: bool = False,
 ) -> Path:
     """Convert a Gemma 3n checkpoint (folder or hub id) into an MLX folder; returns its path.
 
@@ -151,6 +153,7 @@ def convert(
     q_bits / q_group_size: affine mode's (default 4 and 64); q_mode: affine or one of MLX's float
     modes (mxfp4, mxfp8, nvfp4: their own bits and group size). q_tower_bits: quantize the audio
     tower's Linears and the vision tower's pointwise convolutions too, at these bits (None: float).
+    quiet: no progress bar (there is one on stderr when it is a terminal).
     """
     if dtype not in COMPUTE_DTYPES:
         raise Gemma3nError(f"unknown dtype '{dtype}' (choose from {', '.join(COMPUTE_DTYPES)})")
@@ -201,7 +204,7 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_weights(files, config, plan, ShardWriter(tmp, max_shard_bytes))
+        write_weights(files, config, plan, ShardWriter(tmp, max_shard_bytes), quiet)
         out_config = float_config(raw_config, dtype)
         if block:
             out_config["quantization"] = block
@@ -327,9 +330,9 @@ def conv_shape(mlx_shape: tuple, torch_layout: bool) -> tuple:
     return (out_ch, in_ch, height, width) if torch_layout else mlx_shape
 
 
-def write_weights(files: list[Path], config: ModelConfig, plan: WeightPlan, writer: ShardWriter) -> None:
+def write_weights(files: list[Path], config: ModelConfig, plan: WeightPlan, writer: ShardWriter, quiet: bool = False) -> None:
     """Tensor by tensor, read straight from the files: rename, dequantize, fuse, cast, quantize,
-    hand to the writer."""
+    hand to the writer (`quiet`: without the progress bar)."""
     locations = source_locations(files, config)
     if plan.matformer:
         locations = plan.matformer.apply(locations, lambda name, location, cut: CutLocation(location, cut))
@@ -339,7 +342,7 @@ def write_weights(files: list[Path], config: ModelConfig, plan: WeightPlan, writ
         if name in plan.conv_shapes and name.rpartition(".")[0] in plan.packed
     }
     fixes = layout_fixes(locations, unpacked_shapes) if plan.hf_format else {}
-    for name, location in locations.items():
+    for name, location in with_progress(locations, quiet):
         module_path, _, kind = name.rpartition(".")
         source, lora, params = plan.packed.get(module_path), plan.loras.get(module_path), plan.quantize.get(module_path)
         if source and params == source and lora is None:  # stays packed as it is

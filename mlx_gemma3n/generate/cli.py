@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from .. import load
 from ..architecture.cache import kv_cache_bytes, load_prompt_cache, save_prompt_cache
+from ..command import command_parser
 from ..decoding.sampling import SamplingParams
 from ..errors import Gemma3nError, run_command
 from ..inputs.processor import Prompt
@@ -19,7 +20,7 @@ DEFAULT_MODEL = "google/gemma-3n-E2B-it"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.generate", description=__doc__)
+    parser = command_parser("mlx_gemma3n.generate", description=__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hugging Face hub id")
     parser.add_argument("--adapter-path", help="a PEFT LoRA adapter (folder or hub id) to run over the model")
     parser.add_argument("--matformer", metavar="SPEC", help="run a MatFormer slice of an E4B model: a name from "

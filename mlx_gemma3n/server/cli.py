@@ -7,12 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..command import command_parser
 from ..errors import Gemma3nError, run_command
 from .media import MediaLimits
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.server", description=__doc__)
+    parser = command_parser("mlx_gemma3n.server", description=__doc__)
     parser.add_argument("--model", required=True, help="model folder or Hugging Face hub id")
     parser.add_argument("--model-id", help="the id clients name in 'model' (default: the hub id or the folder's name)")
     parser.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH", help="PEFT LoRA adapters, each served as NAME")
