@@ -13,6 +13,7 @@ import sys
 from .architecture.config import read_config
 from .command import command_parser
 from .convert import convert
+from .convert.progress import QUIET_HELP
 from .errors import Gemma3nError, run_command
 from .weights.files import resolve_model_path
 from .weights.loader import COMPUTE_DTYPES
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-format", action="store_true", help="write a Transformers checkpoint (float weights)")
     parser.add_argument("--dtype", choices=list(COMPUTE_DTYPES), help="float dtype of the output (default: the base's)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (shown on stderr when it is a terminal)")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     args = parser.parse_args(argv)
     return run_command(lambda: fuse(args))
 

@@ -9,6 +9,7 @@ from mlx_gemma3n.errors import Gemma3nError, run_command
 from mlx_gemma3n.weights.quantization import MODES, RECIPES
 
 from .convert import convert
+from .progress import QUIET_HELP
 
 
 def upload(folder, repo_id: str) -> None:
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
                         "from `python -m mlx_gemma3n.matformer --list` or a JSON file")
     parser.add_argument("--upload-repo", help="upload the result to this hub repo (ORG/NAME)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (shown on stderr when it is a terminal)")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     args = parser.parse_args(argv)
     return run_command(lambda: convert_and_upload(args))
 

@@ -13,6 +13,8 @@ from tqdm import tqdm
 from mlx_gemma3n.weights.mapped import SAFETENSORS_DTYPES
 from mlx_gemma3n.weights.matformer import CutLocation
 
+QUIET_HELP = "no progress bar (shown on stderr when it is a terminal)"
+
 
 def stored_bytes(location) -> int:
     """Bytes of a tensor as its file holds it (of a MatFormer cut: the part that is read)."""
@@ -22,10 +24,10 @@ def stored_bytes(location) -> int:
 
 def with_progress(locations: dict, quiet: bool) -> Iterator[tuple[str, object]]:
     """The (name, location) pairs; each counts as done when the loop asks for the next one."""
-    total = sum(stored_bytes(location) for location in locations.values())
+    sizes = {name: stored_bytes(location) for name, location in locations.items()}
     shown = not quiet and sys.stderr.isatty()
-    with tqdm(total=total, desc="converting", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+    with tqdm(total=sum(sizes.values()), desc="converting", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
               disable=not shown, dynamic_ncols=True, leave=True) as bar:
         for name, location in locations.items():
             yield name, location
-            bar.update(stored_bytes(location))
+            bar.update(sizes[name])
