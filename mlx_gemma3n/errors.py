@@ -10,6 +10,15 @@ class Gemma3nError(ValueError):
     """Raised with a message that names the problem; the CLI prints it as one line."""
 
 
+class ParameterError(Gemma3nError):
+    """A bad argument, by the name the API gives it (`param`: e.g. "tools[2].function.name"): the
+    server answers it with a 400 naming that parameter."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 def run_command(body: Callable[[], None]) -> int:
     """Exit code of a CLI body: a Gemma3nError becomes one `error:` line (1), Ctrl-C 130, a closed
     stdout pipe 1 without a traceback."""

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+
 import numpy as np
+
+SERVER_STARTUP_DEADLINE_S = 600  # generous: the machine is shared and busy
 
 
 def relative_error(ours, ref) -> float:
@@ -37,3 +45,42 @@ def greedy_ignoring_eos(model, processor, prompt, max_tokens: int, prefill_step_
         return [r.token for r in responses]
     finally:
         processor.eos_token_ids, model.config.eos_token_ids = eos, config_eos
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(arguments: list[str], log_path):
+    """`python -m mlx_gemma3n.server ARGUMENTS --port P` on a free 127.0.0.1 port, up and healthy:
+    yields its base URL; stopped on exit."""
+    import httpx
+    import pytest
+
+    port = free_port()
+    command = [sys.executable, "-m", "mlx_gemma3n.server", *arguments, "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_STARTUP_DEADLINE_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the server did not come up")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

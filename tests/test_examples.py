@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,32 @@ def test_bad_model_is_one_line(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: model path {tmp_path / 'nothing'} does not exist"]
+
+
+def test_tool_agent_loop(tiny_ckpt_256, loaded):
+    """One round of calls (the first reply must call), run by the script, then the answer from their
+    results: the calls are the API's, each result is what the script's function gives (or its
+    error), and the answer is the API's for that history."""
+    spec = importlib.util.spec_from_file_location("tools_example", EXAMPLES / "tools.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    tools = list(example.FUNCTIONS.values())
+    question = "Time in Tokyo?"
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tools.py"), "--model", str(tiny_ckpt_256.path), "--question", question,
+         "--require-call", "--max-steps", "1", "--max-tokens", "200", "--temp", "0"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    messages = [{"role": "system", "content": f"Today is {date.today().isoformat()}."}, {"role": "user", "content": question}]
+    first = generate(*loaded, messages, max_tokens=200, temperature=0.0, tools=tools, tool_choice="required")
+    assert first.tool_calls
+    messages.append({"role": "assistant", "content": None, "tool_calls": first.tool_calls})
+    shown = []
+    for call in first.tool_calls:
+        result = example.run_call(call)
+        shown.append(f"-> {call['function']['name']}({call['function']['arguments']}) = {result}")
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+    assert [line for line in out.stderr.splitlines() if line.startswith("-> ")] == shown
+    final = generate(*loaded, messages, max_tokens=200, temperature=0.0, tools=tools, tool_choice="none")
+    assert out.stdout == final.content + "\n"

@@ -6,12 +6,8 @@ audio; prompt-prefix reuse; and each bad input's status code."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -25,15 +21,10 @@ from PIL import Image
 from mlx_gemma3n import load
 from mlx_gemma3n.generate import stream_generate
 
+from helpers import SERVER_STARTUP_DEADLINE_S, running_server
+
 API_KEY = "test-key"
 MAX_REQUEST_BYTES = 1 << 20
-STARTUP_DEADLINE_S = 600  # generous: the machine is shared and busy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,35 +45,10 @@ def checkpoint(tiny_ckpt_256):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    port = free_port()
-    command = [
-        sys.executable, "-m", "mlx_gemma3n.server", "--model", str(checkpoint), "--port", str(port),
-        "--api-key", API_KEY, "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-images", "2",
-        "--max-audio-seconds", "3", "--max-batch", "8",
-    ]
-    log = tmp_path_factory.mktemp("server_log") / "stderr.txt"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not come up")
-            time.sleep(0.5)
+    arguments = ["--model", str(checkpoint), "--api-key", API_KEY, "--max-request-bytes", str(MAX_REQUEST_BYTES),
+                 "--max-images", "2", "--max-audio-seconds", "3", "--max-batch", "8"]
+    with running_server(arguments, tmp_path_factory.mktemp("server_log") / "stderr.txt") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +181,8 @@ def test_json_object_response_format_is_json(client, model_id):
             "type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"], "additionalProperties": False}}},
     )
     text = reply.choices[0].message.content
-    assert text.startswith("{")
-    if reply.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(text)["a"], bool)
+    assert reply.choices[0].finish_reason == "stop"  # compact JSON ends in the tokens its content needs
+    assert text in ('{"a": true}', '{"a": false}')
 
 
 def test_stop_sequence_is_never_emitted(client, model_id, loaded):
@@ -251,7 +216,7 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
-    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].tool_call_id"),
     ({"messages": "hi"}, 400, "messages"),
     ({**user("hi"), "n": 2}, 400, "n"),
     ({**user("hi"), "tools": []}, 400, "tools"),
@@ -386,7 +351,7 @@ def test_bf16_batch_rows_equal_their_single_request_output(checkpoint):
     for i, request in enumerate(requests):
         engine.submit(Job(request, collector(i)))
     try:
-        assert all(event.wait(STARTUP_DEADLINE_S) for event in done)
+        assert all(event.wait(SERVER_STARTUP_DEADLINE_S) for event in done)
     finally:
         engine.stop()
     single = load_model(checkpoint, dtype="bfloat16", batched=True)

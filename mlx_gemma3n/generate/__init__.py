@@ -13,7 +13,11 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from ..decoding.constraints import Constraints, read_constraints
+from ..decoding.grammar import GrammarMatcher, grammars_for
 from ..decoding.sampling import SamplingParams, sample
+from ..decoding.tool_prompt import prepare_chat
+from ..decoding.tools import parse_calls
 from ..errors import Gemma3nError
 from ..inputs.processor import Prompt
 
@@ -27,7 +31,18 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
-    finish_reason: str | None = None  # "stop", "length" or None while generating
+    finish_reason: str | None = None  # "stop", "length", "tool_calls" or None while generating
+    tool_calls: list[dict] | None = None  # on the last response of a reply that may call tools: OpenAI's shape
+
+
+@dataclass
+class Reply:
+    """What `generate` returns when tools are given: the text (None when the model wrote calls, even
+    one cut short by max_tokens) and the complete calls, as the server's `message` has them."""
+
+    content: str | None
+    tool_calls: list[dict]
+    finish_reason: str
 
 
 class StreamingDetokenizer:
@@ -70,15 +85,17 @@ class StreamingDetokenizer:
         return text
 
 
-def prepare_prompt(processor, prompt, system: str | None = None) -> Prompt:
+def prepare_prompt(processor, prompt, system: str | None = None, constraints: Constraints = Constraints()) -> Prompt:
     """A prompt as a string (one user turn), HF-format chat messages (content strings or parts with
-    text, images and audio), or ready token ids."""
+    text, images and audio; assistant `tool_calls` and `tool` turns), or ready token ids."""
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        if constraints.tools:
+            raise Gemma3nError("tools need a chat prompt (a string or messages), not token ids")
         return Prompt(list(prompt))
     if isinstance(prompt, str):
         if not prompt.strip():
             raise Gemma3nError("the prompt is empty")
-        if not processor.chat_template and system is None:
+        if not processor.chat_template and system is None and not constraints.tools:
             return Prompt(processor.encode(prompt))
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
@@ -87,7 +104,7 @@ def prepare_prompt(processor, prompt, system: str | None = None) -> Prompt:
         raise Gemma3nError("the prompt must be a non-empty string, a list of chat messages or a list of token ids")
     if system is not None:
         messages = [{"role": "system", "content": system}] + messages
-    return processor.prepare(messages)
+    return prepare_chat(processor, messages, constraints)
 
 
 def sampling_params(processor, **overrides) -> SamplingParams:
@@ -138,9 +155,11 @@ class Session:
         max_tokens: int,
         prefill_step_size: int = 512,
         skip_special_tokens: bool = True,
+        grammar: GrammarMatcher | None = None,
     ) -> Iterator[GenerationResponse]:
-        """Continue the cache with the prompt's tokens (and media), then generate. The responses' text
-        leaves special tokens out unless `skip_special_tokens` is False; their `token` is every id."""
+        """Continue the cache with the prompt's tokens (and media), then generate (under `grammar`:
+        only the tokens it allows, ending when it is complete). The responses' text leaves special
+        tokens out unless `skip_special_tokens` is False; their `token` is every id."""
         prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         tokens = prompt.ids
         if max_tokens <= 0:
@@ -157,7 +176,7 @@ class Session:
 
         def next_token(logits):
             context = mx.array(recent[-params.repetition_context :]) if params.repetition_penalty != 1.0 else None
-            return sample(logits, params, context)
+            return sample(logits if grammar is None else grammar.restrict(logits), params, context)
 
         start = time.perf_counter()
         embeddings = None
@@ -171,13 +190,16 @@ class Session:
         for n in range(1, max_tokens + 1):
             token_id = token.item()
             recent.append(token_id)
-            finish = "stop" if token_id in self.eos_ids else ("length" if n == max_tokens else None)
+            if grammar is not None and token_id not in self.eos_ids:
+                grammar.accept(token_id)
+            ended = token_id in self.eos_ids or (grammar is not None and grammar.finished)
+            finish = "stop" if ended else ("length" if n == max_tokens else None)
             if finish is None:
                 # Launch the next step before handing this token out: the device works meanwhile.
                 token = next_token(self.model(mx.array([[token_id]]), cache=self.cache)[:, -1])
                 mx.async_eval(token)
                 self.history.append(token_id)
-            text = "" if finish == "stop" else detokenizer.add(token_id)
+            text = "" if token_id in self.eos_ids else detokenizer.add(token_id)
             if finish:
                 text += detokenizer.flush()
             elapsed = time.perf_counter() - start
@@ -272,24 +294,65 @@ def stream_generate(
     seed: int | None = None,
     prefill_step_size: int = 512,
     skip_special_tokens: bool = True,
+    tools=None,
+    tool_choice=None,
+    parallel_tool_calls: bool | None = None,
+    response_format: dict | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt`: a string, HF-format chat messages (content parts may carry
     images `{"type": "image", "image": path/URL/PIL/array}` and audio `{"type": "audio", "audio":
-    path/array}`), or token ids.
+    path/array}`; assistant messages may carry OpenAI `tool_calls`, and `{"role": "tool",
+    "tool_call_id": ..., "content": ...}` messages answer them), or token ids.
 
     Sampling defaults come from the model's generation_config.json; temperature 0 is greedy. The text
     leaves out special tokens (as Transformers' `decode(..., skip_special_tokens=True)`) unless
     `skip_special_tokens` is False; each response's `token` is the generated id, whatever it is.
+
+    `tools` (OpenAI tool dicts or Python functions with type hints), `tool_choice` ("auto", "none",
+    "required" or {"type": "function", "function": {"name": ...}}) and `parallel_tool_calls` work as
+    in OpenAI's API: the reply is generated under a grammar of the tools' calls, its text is the
+    model's (a call is a JSON line), and the last response's `tool_calls` holds the calls it made
+    (finish_reason "tool_calls"). `response_format` ({"type": "json_object"} or {"type":
+    "json_schema", "json_schema": {"schema": ...}}) constrains a reply without tools. Both need
+    llguidance.
     """
     params = sampling_params(
         processor, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
     )
+    eos_ids = set(processor.eos_token_ids) | set(model.config.eos_token_ids)
+
+    def grammars():
+        return grammars_for(processor, model.config.text.vocab_size, eos_ids)
+
+    constraints = read_constraints(grammars, tools, tool_choice, parallel_tool_calls, response_format)
     if seed is not None:
         mx.random.seed(seed)
-    prepared = prepare_prompt(processor, prompt, system)
-    yield from Session(model, processor).stream(prepared, params, max_tokens, prefill_step_size, skip_special_tokens)
+    prepared = prepare_prompt(processor, prompt, system, constraints)
+    grammar = None if constraints.grammar is None else grammars().matcher(constraints.grammar)
+    responses = Session(model, processor).stream(prepared, params, max_tokens, prefill_step_size, skip_special_tokens, grammar)
+    if not constraints.calls:
+        yield from responses
+        return
+    text = []
+    for response in responses:
+        text.append(response.text)
+        if response.finish_reason is not None:
+            response.tool_calls = parse_calls("".join(text))[1]
+            if response.tool_calls:
+                response.finish_reason = "tool_calls"
+        yield response
 
 
-def generate(model, processor, prompt, max_tokens: int = 256, **kwargs) -> str:
-    """The whole reply to `prompt` as one string (see `stream_generate` for the arguments)."""
-    return "".join(response.text for response in stream_generate(model, processor, prompt, max_tokens, **kwargs))
+def generate(model, processor, prompt, max_tokens: int = 256, **kwargs) -> str | Reply:
+    """The whole reply to `prompt` as one string (see `stream_generate` for the arguments); with
+    `tools`, a `Reply` (its content and tool calls)."""
+    responses = list(stream_generate(model, processor, prompt, max_tokens, **kwargs))
+    return "".join(response.text for response in responses) if kwargs.get("tools") is None else reply_of(responses)
+
+
+def reply_of(responses: list[GenerationResponse]) -> Reply:
+    """The Reply of a whole stream of responses."""
+    text, last = "".join(response.text for response in responses), responses[-1]
+    if last.tool_calls is None:
+        return Reply(text, [], last.finish_reason)
+    return Reply(parse_calls(text)[0], last.tool_calls, last.finish_reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -14,7 +15,7 @@ from ..command import command_parser
 from ..decoding.sampling import SamplingParams
 from ..errors import Gemma3nError, run_command
 from ..inputs.processor import Prompt
-from . import ChatSession, Session, prepare_prompt, sampling_params
+from . import ChatSession, Session, prepare_prompt, reply_of, sampling_params, stream_generate
 
 DEFAULT_MODEL = "google/gemma-3n-E2B-it"
 
@@ -40,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
     parser.add_argument("--prompt-cache-file", help="reuse the prompt's KV cache from this file / save it there")
     parser.add_argument("--chat", action="store_true", help="interactive chat on stdin, keeping the KV cache")
+    parser.add_argument("--tools", metavar="FILE.json", help="OpenAI tools (a JSON list) the model may call; prints the "
+                        "reply as JSON: {role, content, tool_calls}")
+    parser.add_argument("--tool-choice", default="auto", metavar="auto|none|required|NAME",
+                        help="with --tools: let the model choose, never call, call at least once, or call NAME")
     parser.add_argument(
         "--show-special-tokens", action="store_true", help="keep special tokens (<image_soft_token>, ...) in the reply text"
     )
@@ -53,7 +58,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise Gemma3nError(f"--prefill-step-size must be > 0, got {args.prefill_step_size}")
     if args.prompt_cache_file and (args.image or args.audio):
         raise Gemma3nError("--prompt-cache-file works with text prompts only, not with --image/--audio")
+    if args.tools and (args.chat or args.prompt_cache_file):
+        raise Gemma3nError("--tools works with --prompt, not with --chat or --prompt-cache-file")
     return args
+
+
+def read_tools_file(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as file:
+            tools = json.load(file)
+    except OSError as exc:
+        raise Gemma3nError(f"--tools: cannot read {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Gemma3nError(f"--tools: {path} is not JSON: {exc}") from None
+    return tools
+
+
+def tool_choice_arg(value: str):
+    return value if value in ("auto", "none", "required") else {"type": "function", "function": {"name": value}}
 
 
 def user_content(text: str, args):
@@ -117,6 +139,7 @@ def generate_from_args(args) -> None:
         "repetition_penalty": args.repetition_penalty,
     }
     SamplingParams(**{k: v for k, v in chosen.items() if v is not None})  # fail before loading
+    tools = read_tools_file(args.tools) if args.tools else None
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not args.chat and not prompt.strip():
         raise Gemma3nError("the prompt is empty")
@@ -129,9 +152,24 @@ def generate_from_args(args) -> None:
         return
     content = user_content(prompt, args)
     messages = content if isinstance(content, str) else [{"role": "user", "content": content}]
+    if tools is not None:
+        call_tools(model, processor, messages, tools, chosen, args)
+        return
     session, prepared = session_for_prompt(model, processor, prepare_prompt(processor, messages, args.system), args)
     responses = session.stream(prepared, params, args.max_tokens, args.prefill_step_size, not args.show_special_tokens)
     run_turn(responses, session, args.verbose)
+
+
+def call_tools(model, processor, messages, tools, chosen: dict, args) -> None:
+    """The reply under --tools, as the server's message: {role, content, tool_calls}."""
+    responses = list(stream_generate(
+        model, processor, messages, args.max_tokens, system=args.system, prefill_step_size=args.prefill_step_size,
+        tools=tools, tool_choice=tool_choice_arg(args.tool_choice), **chosen,
+    ))
+    reply = reply_of(responses)
+    print(json.dumps({"role": "assistant", "content": reply.content, "tool_calls": reply.tool_calls}, ensure_ascii=False), flush=True)
+    print(f"finish_reason: {reply.finish_reason}", file=sys.stderr)
+    print_stats(responses[-1], None, False)
 
 
 def main(argv=None) -> int:

@@ -159,7 +159,8 @@ class Processor:
         named = [token for token in {"mask_token": "<mask>", **self.special_tokens}.values() if isinstance(token, str)]
         return frozenset(flagged | {i for i in map(self.token_id, named) if i is not None})
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The template's text; `tools` (OpenAI declarations) are handed to a template that takes them."""
         if not self.chat_template:
             raise Gemma3nError("this model folder has no chat template (chat_template.jinja or tokenizer_config.json)")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -168,7 +169,8 @@ class Processor:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+                messages=messages, add_generation_prompt=add_generation_prompt, **({"tools": tools} if tools else {}),
+                **self.special_tokens,
             )
         except TemplateError as exc:
             raise Gemma3nError(f"cannot render the chat template: {exc}") from None
@@ -222,9 +224,9 @@ class Processor:
             text = text.replace(placeholder, sequence)
         return text
 
-    def prepare(self, messages: list[dict]) -> Prompt:
+    def prepare(self, messages: list[dict], tools: list[dict] | None = None) -> Prompt:
         """Chat messages (content strings or parts: text, image, audio) -> Prompt, generation prompt included."""
-        text = self.expand_media_placeholders(self.apply_chat_template(messages, add_generation_prompt=True))
+        text = self.expand_media_placeholders(self.apply_chat_template(messages, add_generation_prompt=True, tools=tools))
         images, audio = self.load_media(messages)
         ids = self.encode(text, add_bos=False)
         for kind, placeholder, items in (("image", "image_token", images), ("audio", "audio_token", audio)):

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..decoding.tools import CallStream
 from .decoding import Delta
 from .engine import Engine, Job
 from .errors import ApiError
@@ -118,11 +119,11 @@ class Api:
         if generation.stream:
             return StreamingResponse(self.events(job, deltas, reply), media_type="text/event-stream")
         try:
-            return await self.whole(request, deltas, reply)
+            return await self.whole(request, job, deltas, reply)
         finally:
             job.cancelled = True
 
-    async def whole(self, request: Request, deltas: asyncio.Queue, reply: Reply) -> JSONResponse:
+    async def whole(self, request: Request, job: Job, deltas: asyncio.Queue, reply: Reply) -> JSONResponse:
         text, logprobs = [], []
         while True:
             try:
@@ -136,10 +137,12 @@ class Api:
             text.append(delta.text)
             logprobs += delta.logprobs
             if delta.finish_reason is not None:
-                return JSONResponse(reply.whole("".join(text), delta.finish_reason, logprobs, delta.usage))
+                return JSONResponse(reply.whole("".join(text), delta.finish_reason, logprobs, delta.usage, job.request.calls))
 
     async def events(self, job: Job, deltas: asyncio.Queue, reply: Reply):
-        """SSE chunks; when the client goes away the generator is closed and the job cancelled."""
+        """SSE chunks (a reply read for tool calls sends them as OpenAI's tool-call deltas); when the
+        client goes away the generator is closed and the job cancelled."""
+        calls = CallStream() if job.request.calls else None
         try:
             if reply.chat:
                 yield sse(reply.chunk("", None, [], first=True))
@@ -148,8 +151,14 @@ class Api:
                 if delta.error is not None:
                     yield sse(delta.error.body())
                     break
-                if delta.text or delta.logprobs or delta.finish_reason:
-                    yield sse(reply.chunk(delta.text, delta.finish_reason, delta.logprobs))
+                text, tool_calls, finish_reason = delta.text, [], delta.finish_reason
+                if calls is not None:
+                    text, tool_calls = calls.add(text)
+                    if finish_reason is not None:
+                        tool_calls += calls.flush()
+                        finish_reason = "tool_calls" if calls.completed else finish_reason
+                if text or tool_calls or delta.logprobs or finish_reason:
+                    yield sse(reply.chunk(text, finish_reason, delta.logprobs, tool_calls=tool_calls))
                 if delta.finish_reason is not None:
                     if job.request.include_usage:
                         yield sse(reply.usage_chunk(delta.usage))

@@ -50,12 +50,12 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..adapters import ModelWithAdapters
+    from ..decoding.grammar import Grammars
     from ..inputs.processor import Processor
     from ..weights.files import resolve_model_path
     from ..weights.loader import load_model
     from .app import Security, create_app
     from .engine import Engine
-    from .grammar import Grammars
     from .requests import RequestContext
 
     adapters = adapter_pairs(args.adapters)
@@ -76,8 +76,8 @@ def serve(args: argparse.Namespace) -> None:
     config = engine.start().config
     try:
         engine.grammars = Grammars(processor, config.text.vocab_size, set(processor.eos_token_ids) | set(config.eos_token_ids))
-    except (ImportError, ValueError) as exc:  # llguidance missing, or a tokenizer it cannot read
-        print(f"[mlx_gemma3n.server] response_format json_object/json_schema is off: {exc}", file=sys.stderr)
+    except ValueError as exc:  # llguidance missing (a Gemma3nError), or a tokenizer it cannot read
+        print(f"[mlx_gemma3n.server] tools and response_format json_object/json_schema are off: {exc}", file=sys.stderr)
     model_id = args.model_id or (Path(args.model).name if Path(args.model).exists() else args.model)
     context = RequestContext(
         processor=processor,

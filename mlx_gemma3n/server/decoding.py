@@ -80,10 +80,7 @@ class Decoder:
             ids = mx.array(list(self.counts))
             counts = mx.array(list(self.counts.values()), dtype=logits.dtype)
             logits[:, ids] = logits[:, ids] - (request.frequency_penalty * counts + request.presence_penalty)
-        if self.grammar is not None:
-            allowed = mx.array(self.grammar.allowed())
-            logits = mx.where(allowed[: logits.shape[-1]], logits, float("-inf"))
-        return logits
+        return logits if self.grammar is None else self.grammar.restrict(logits)
 
     def choose(self, logits: mx.array):
         """The next token (lazy) from last-position logits (1, V), and its log-probabilities if asked."""
@@ -110,12 +107,13 @@ class Decoder:
         if self.grammar is not None:
             self.grammar.accept(token)
         delta.text, stopped = self.stop.add(self.detokenizer.add(token))
-        if stopped or (self.grammar is not None and self.grammar.finished):
+        complete = self.grammar is not None and self.grammar.finished
+        if stopped:
             delta.finish_reason = "stop"
-        elif self.generated >= self.request.max_tokens:
+        elif complete or self.generated >= self.request.max_tokens:
             tail, stopped = self.stop.add(self.detokenizer.flush())
             delta.text += tail if stopped else tail + self.stop.flush()
-            delta.finish_reason = "stop" if stopped else "length"
+            delta.finish_reason = "stop" if stopped or complete else "length"
         return delta
 
     def logprob_entry(self, token: int, logprobs: mx.array, top: mx.array) -> TokenLogprob:

@@ -8,20 +8,24 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..errors import Gemma3nError
+from ..decoding.constraints import Constraints, read_constraints
+from ..decoding.grammar import INSTALL_HINT, Grammars
+from ..decoding.tool_prompt import prepare_chat
+from ..errors import Gemma3nError, ParameterError
 from ..generate import sampling_params
 from ..inputs.processor import Prompt
 from .errors import ApiError, bad_request
-from .grammar import Grammars
 from .media import MediaLimits, audio_from_part, image_from_url
 
 COMMON_FIELDS = {
     "model", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "stop", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "response_format", "stream", "stream_options", "n", "user",
 }
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+                               "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "suffix", "best_of"}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MESSAGE_FIELDS = {"system": {"content"}, "user": {"content"}, "assistant": {"content", "tool_calls"}, "tool": {"content", "tool_call_id"}}
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
 
@@ -40,6 +44,7 @@ class GenerationRequest:
     top_logprobs: int = 0
     adapter: str | None = None
     grammar: str | None = None  # an llguidance grammar
+    calls: bool = False  # whether the reply is read for tool calls
     stream: bool = False
     include_usage: bool = False
 
@@ -55,6 +60,11 @@ class RequestContext:
     context_limit: int
     default_max_tokens: int
     grammars: Grammars | None
+
+    def grammars_or_error(self) -> Grammars:
+        if self.grammars is None:
+            raise Gemma3nError(f"constrained decoding is off on this server ({INSTALL_HINT}, and a tokenizer it can read)")
+        return self.grammars
 
 
 def parse_json(body: bytes) -> dict:
@@ -169,14 +179,15 @@ def chat_messages(body: dict, context: RequestContext) -> list[dict]:
         param = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad_request(f"{param} must be an object", param)
-        for key in message:
-            if key not in ("role", "content"):
-                raise bad_request(f"{param}.{key} is not supported by this server", f"{param}.{key}")
         role = message.get("role")
         if role not in ROLES:
             raise bad_request(f"{param}.role {json.dumps(role)} is not one of {', '.join(ROLES)}", f"{param}.role")
-        content = chat_content(message.get("content"), f"{param}.content", role, context, counts)
-        converted.append({"role": ROLES[role], "content": content})
+        for key in message:
+            if key != "role" and key not in MESSAGE_FIELDS[ROLES[role]]:
+                raise bad_request(f"{param}.{key} is not supported on a {role} message", f"{param}.{key}")
+        calls_only = message.get("tool_calls") is not None and message.get("content") is None
+        content = None if calls_only else chat_content(message.get("content"), f"{param}.content", role, context, counts)
+        converted.append({"role": ROLES[role], "content": content} | {k: message[k] for k in ("tool_calls", "tool_call_id") if k in message})
     return converted
 
 
@@ -193,7 +204,18 @@ def media_digests(prompt: Prompt) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(digest(image) for image in prompt.images), tuple(digest(*clip) for clip in prompt.audio)
 
 
-def generation_request(body: dict, prompt: Prompt, context: RequestContext, adapter, max_tokens, logprobs, top_logprobs) -> GenerationRequest:
+def request_constraints(body: dict, context: RequestContext) -> Constraints:
+    try:
+        return read_constraints(context.grammars_or_error, body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"),
+                                body.get("response_format"))
+    except ParameterError as exc:
+        raise bad_request(str(exc), exc.param) from None
+    except Gemma3nError as exc:  # no grammars on this server
+        raise bad_request(str(exc), "tools" if body.get("tools") is not None else "response_format") from None
+
+
+def generation_request(body: dict, prompt: Prompt, context: RequestContext, adapter, max_tokens, logprobs, top_logprobs,
+                       constraints: Constraints) -> GenerationRequest:
     """The fields chat and completions share."""
     unsupported_unless(body, "n", (1, None))
     if "user" in body and not isinstance(body["user"], (str, type(None))):
@@ -228,40 +250,22 @@ def generation_request(body: dict, prompt: Prompt, context: RequestContext, adap
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         adapter=adapter,
-        grammar=response_grammar(body, context),
+        grammar=constraints.grammar,
+        calls=constraints.calls,
         stream=stream,
         include_usage=flag(options or {}, "include_usage"),
     )
-
-
-def response_grammar(body: dict, context: RequestContext) -> str | None:
-    response_format = body.get("response_format")
-    if response_format is None:
-        return None
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
-        return None
-    if kind not in ("json_object", "json_schema"):
-        raise bad_request("'response_format.type' must be text, json_object or json_schema", "response_format.type")
-    if context.grammars is None:
-        raise bad_request(
-            "constrained decoding is off on this server (llguidance is missing or cannot read the tokenizer)", "response_format"
-        )
-    if kind == "json_object":
-        return context.grammars.json_object()
-    spec = response_format.get("json_schema")
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    if not isinstance(schema, dict):
-        raise bad_request("'response_format.json_schema.schema' must be a JSON schema object", "response_format.json_schema.schema")
-    return context.grammars.json_schema(schema, "response_format.json_schema.schema")
 
 
 def parse_chat(body: dict, context: RequestContext) -> GenerationRequest:
     check_fields(body, CHAT_FIELDS)
     adapter = resolve_model(body, context)
     messages = chat_messages(body, context)
+    constraints = request_constraints(body, context)
     try:
-        prompt = context.processor.prepare(messages)
+        prompt = prepare_chat(context.processor, messages, constraints)
+    except ParameterError as exc:
+        raise bad_request(str(exc), exc.param) from None
     except Gemma3nError as exc:
         raise bad_request(str(exc), "messages") from None
     max_tokens = number(body, "max_completion_tokens", 1, integer=True) or number(body, "max_tokens", 1, integer=True)
@@ -269,7 +273,7 @@ def parse_chat(body: dict, context: RequestContext) -> GenerationRequest:
     top_logprobs = number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
     if top_logprobs is not None and not logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    return generation_request(body, prompt, context, adapter, max_tokens, logprobs, top_logprobs or 0)
+    return generation_request(body, prompt, context, adapter, max_tokens, logprobs, top_logprobs or 0, constraints)
 
 
 def parse_completion(body: dict, context: RequestContext) -> GenerationRequest:
@@ -286,4 +290,5 @@ def parse_completion(body: dict, context: RequestContext) -> GenerationRequest:
         raise bad_request("'prompt' is empty", "prompt")
     top_logprobs = number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
     max_tokens = number(body, "max_tokens", 1, integer=True)
-    return generation_request(body, Prompt(ids), context, adapter, max_tokens, top_logprobs is not None, top_logprobs or 0)
+    constraints = request_constraints(body, context)
+    return generation_request(body, Prompt(ids), context, adapter, max_tokens, top_logprobs is not None, top_logprobs or 0, constraints)

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 
+from ..decoding.tools import parse_calls
 from .decoding import TokenLogprob, Usage
 
 
@@ -49,18 +50,24 @@ class Reply:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self, text: str, finish_reason: str, logprobs: list[TokenLogprob], usage: Usage) -> dict:
+    def whole(self, text: str, finish_reason: str, logprobs: list[TokenLogprob], usage: Usage, calls: bool = False) -> dict:
+        """`calls`: the text is read for tool calls (content null when it holds them)."""
         choice = {"index": 0, "finish_reason": finish_reason, "logprobs": self.logprobs_body(logprobs)}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            content, tool_calls = parse_calls(text) if calls else (text, [])
+            choice["message"] = {"role": "assistant", "content": content} | ({"tool_calls": tool_calls} if tool_calls else {})
+            if tool_calls:
+                choice["finish_reason"] = "tool_calls"
         else:
             choice["text"] = text
         return dict(self.envelope([choice], chunk=False), usage=usage_body(usage))
 
-    def chunk(self, text: str, finish_reason: str | None, logprobs: list[TokenLogprob], first: bool = False) -> dict:
+    def chunk(self, text: str, finish_reason: str | None, logprobs: list[TokenLogprob], first: bool = False,
+              tool_calls: list[dict] | None = None) -> dict:
         choice = {"index": 0, "finish_reason": finish_reason, "logprobs": self.logprobs_body(logprobs)}
         if self.chat:
-            choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
+            choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {}) | (
+                {"tool_calls": tool_calls} if tool_calls else {})
         else:
             choice["text"] = text
         return self.envelope([choice], chunk=True)
