@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -21,7 +20,7 @@ from PIL import Image
 from mlx_gemma3n import load
 from mlx_gemma3n.generate import stream_generate
 
-from helpers import SERVER_STARTUP_DEADLINE_S, running_server
+from helpers import SERVER_STARTUP_DEADLINE_S, raw_http, running_server
 
 API_KEY = "test-key"
 MAX_REQUEST_BYTES = 1 << 20
@@ -270,24 +269,8 @@ def test_auth_routes_and_completion_prompt_type(server, model_id):
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
 
 
-def raw_http(server, request: bytes) -> bytes:
-    host, port = server.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=120) as sock:
-        try:
-            sock.sendall(request)
-        except OSError:
-            pass  # the server may answer and close before taking the whole body
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            data = sock.recv(65536)
-            if not data:
-                break
-            answer += data
-    return answer
-
-
 def test_body_over_the_cap_is_413_before_it_is_read(server):
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {server.removeprefix('http://')}\r\nAuthorization: Bearer {API_KEY}\r\n"
             "Content-Type: application/json\r\n")
     # a claimed length far over the cap, and no body sent: answered at once
     answer = raw_http(server, (head + f"Content-Length: {100 * MAX_REQUEST_BYTES}\r\n\r\n").encode())

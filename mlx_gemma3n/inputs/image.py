@@ -88,15 +88,21 @@ def fetch(url: str, timeout: float) -> bytes:
         raise Gemma3nError(f"cannot download image {url}: {reason}") from None
 
 
-def open_image(file, name: str) -> Image.Image:
-    """Open and fully decode, so that a truncated or corrupt file fails here, naming it."""
+def open_image(file, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode, so that a truncated or corrupt file fails here, naming it. An image over
+    `max_pixels` is refused from its header, before any pixel is decoded (a small compressed file can
+    hold billions of pixels)."""
     try:
         image = Image.open(file)
-        image.load()
+        too_large = max_pixels is not None and image.width * image.height > max_pixels
+        if not too_large:
+            image.load()
     except UnidentifiedImageError:
         raise Gemma3nError(f"{name} is not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise Gemma3nError(f"cannot read image {name}: {exc}") from None
+    if too_large:
+        raise Gemma3nError(f"{name} is {image.width} x {image.height} pixels, over the limit of {max_pixels}")
     return image
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 
@@ -29,31 +30,70 @@ from .responses import SSE_DONE, Reply, sse
 DISCONNECT_POLL_SECONDS = 0.5
 
 
+LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                                 b"media-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+                                 b"form-action 'self'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
 @dataclass
 class Security:
     api_key: str | None = None
     allow_origins: tuple[str, ...] = ()
     max_request_bytes: int = 32 << 20
+    host: str = "127.0.0.1"  # the address the server binds
+    port: int = 8080
+    allowed_hosts: tuple[str, ...] = ()  # more names requests may carry in their Host header
+
+    def host_names(self) -> set[str]:
+        return {name.lower().strip("[]") for name in (self.host, *LOCAL_NAMES, *self.allowed_hosts)}
+
+    def own_origins(self) -> set[str]:
+        return {f"http://{f'[{name}]' if ':' in name else name}:{self.port}" for name in self.host_names()}
 
 
 def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """("name", port or None) of a Host header; None when it is not one."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?", value)
+    if match is None:
+        return None
+    return match[1].strip("[]").lower(), int(match[2]) if match[2] else None
+
+
 class Guard:
-    """ASGI middleware: the API key on /v1/*, and the body cap, checked on Content-Length before any
-    body is read and counted as the body streams in (a chunked body has no length)."""
+    """ASGI middleware, before any body is read: the Host header must name this server (a web page
+    on another site that re-resolves its name to 127.0.0.1, DNS rebinding, gets 421); a browser's
+    Origin must be the server's own or an allowed one (403); a POST to the API must be JSON (415: a
+    cross-site form cannot send one without a CORS preflight); the API key on /v1/*; the body cap,
+    checked on Content-Length and counted as the body streams in (a chunked body has no length).
+    Every response carries a strict Content-Security-Policy, nosniff and no referrer."""
 
     def __init__(self, app, security: Security):
         self.app, self.security = app, security
+        self.names, self.origins = security.host_names(), security.own_origins() | set(security.allow_origins)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+
+        async def secured_send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         refusal = self.refusal(scope, headers)
         if refusal is not None:
-            return await error_response(refusal)(scope, receive, send)
+            return await error_response(refusal)(scope, receive, secured_send)
         cap, received = self.security.max_request_bytes, 0
 
         async def counted_receive():
@@ -65,11 +105,22 @@ class Guard:
                     raise too_large(cap)
             return message
 
-        await self.app(scope, counted_receive, send)
+        await self.app(scope, counted_receive, secured_send)
 
     def refusal(self, scope, headers: dict) -> ApiError | None:
+        host = split_host(headers.get("host", ""))
+        if host is None or host[0] not in self.names or host[1] not in (self.security.port, None):
+            return ApiError(421, f"the Host header '{headers.get('host', '')}' does not name this server "
+                                 "(start it with --allowed-host NAME to answer to another name)")
+        origin = headers.get("origin")
+        if origin is not None and origin not in self.origins:
+            return ApiError(403, f"requests from the web origin '{origin}' are refused (start the server with --allow-origin)")
+        path, method = scope["path"], scope["method"]
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if method == "POST" and path.startswith("/v1/") and content_type != "application/json":
+            return ApiError(415, f"POST {path} takes Content-Type application/json, got '{content_type or 'none'}'")
         key = self.security.api_key
-        if key is not None and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+        if key is not None and path.startswith("/v1/") and method != "OPTIONS":
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 return ApiError(401, "a valid API key is needed: Authorization: Bearer <key>")

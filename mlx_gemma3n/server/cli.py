@@ -24,10 +24,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--allow-origin", action="append", default=[], help="allow browser requests from this origin (CORS)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="another name clients may reach the server by (its Host header); by default only the bound "
+                             "address, 127.0.0.1, localhost and [::1] (a page elsewhere that rebinds its name gets 421)")
     parser.add_argument("--max-request-bytes", type=int, default=32 << 20)
     parser.add_argument("--max-images", type=int, default=8, help="images per request")
     parser.add_argument("--max-audio-seconds", type=float, default=60.0, help="seconds of audio per request")
-    parser.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image URLs")
+    parser.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image URLs (public addresses only)")
+    parser.add_argument("--allow-private-media", action="store_true",
+                        help="with --allow-remote-media: also fetch from loopback, private and link-local addresses")
+    parser.add_argument("--max-image-pixels", type=int, default=50_000_000, help="refuse larger images before decoding them")
     parser.add_argument("--max-tokens", type=int, default=512, help="max_tokens of a request that gives none")
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting to join the batch (429 beyond)")
@@ -83,12 +89,13 @@ def serve(args: argparse.Namespace) -> None:
         processor=processor,
         model_id=model_id,
         adapters=tuple(name for name, _ in adapters),
-        limits=MediaLimits(args.max_images, args.max_audio_seconds, args.allow_remote_media),
+        limits=MediaLimits(args.max_images, args.max_audio_seconds, args.allow_remote_media,
+                           allow_private=args.allow_private_media, max_image_pixels=args.max_image_pixels),
         context_limit=config.text.max_position_embeddings,
         default_max_tokens=args.max_tokens,
         grammars=engine.grammars,
     )
-    security = Security(args.api_key, tuple(args.allow_origin), args.max_request_bytes)
+    security = Security(args.api_key, tuple(args.allow_origin), args.max_request_bytes, args.host, args.port, tuple(args.allowed_host))
     print(f"serving {model_id} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     uvicorn.run(create_app(engine, context, security), host=args.host, port=args.port, log_level="warning")
 

@@ -1,12 +1,21 @@
 """The images and audio clips of a request: `data:` URLs, base64 `input_audio`, and (only when the
-server allows it) remote http(s) images. A request never names a local file."""
+server allows it) remote http(s) images. A request never names a local file.
+
+A remote image is fetched only from a public address unless the server allows private ones: the
+address is checked on the connection itself, after the name is resolved, and again for each
+redirect, so a name that re-resolves to 127.0.0.1 between a check and the fetch gets nowhere
+(server-side request forgery into the user's own machine and network)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
+import ipaddress
 import re
+import socket
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,6 +40,8 @@ class MediaLimits:
     allow_remote: bool = False
     remote_timeout: float = 10.0
     remote_max_bytes: int = 16 << 20
+    allow_private: bool = False  # remote media from loopback, private, link-local... addresses
+    max_image_pixels: int = 50_000_000
 
 
 def decode_base64(data: str, param: str) -> bytes:
@@ -57,7 +68,7 @@ def image_from_url(url: str, param: str, limits: MediaLimits) -> Image.Image:
     else:
         raise bad_request(f"{param} must be a data: URL (or http(s) with --allow-remote-media); local paths are refused", param)
     try:
-        image = open_image(io.BytesIO(data), param)
+        image = open_image(io.BytesIO(data), param, limits.max_image_pixels)
         if image.format not in IMAGE_MIME_TYPES.values():
             raise Gemma3nError(f"{param} is a {image.format} image; png, jpeg, webp and gif are taken")
         return load_image(image)
@@ -75,8 +86,58 @@ class SameHostRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def non_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast or ip.is_reserved
+
+
+def public_connection(host: str, port: int, timeout: float) -> socket.socket:
+    """A socket to the first address `host` resolves to, refused when any of them is not public."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise urllib.error.URLError(f"cannot resolve {host}: {exc.strerror}") from None
+    refused = sorted({info[4][0] for info in addresses if non_public(info[4][0])})
+    if refused:
+        raise urllib.error.URLError(f"{host} resolves to a non-public address ({', '.join(refused)}); "
+                                    "the server refuses those unless started with --allow-private-media")
+    family, kind, proto, _, address = addresses[0]
+    sock = socket.socket(family, kind, proto)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class PublicHTTPConnection(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = public_connection(self.host, self.port, self.timeout)
+
+
+class PublicHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        sock = public_connection(self.host, self.port, self.timeout)
+        self.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+
+
+class PublicHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(PublicHTTPConnection, req)
+
+
+class PublicHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(PublicHTTPSConnection, req)
+
+
 def fetch_remote(url: str, param: str, limits: MediaLimits) -> bytes:
-    opener = urllib.request.build_opener(SameHostRedirects)
+    handlers = [SameHostRedirects] + ([] if limits.allow_private else [PublicHTTPHandler, PublicHTTPSHandler])
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=limits.remote_timeout) as response:
             data = response.read(limits.remote_max_bytes + 1)
