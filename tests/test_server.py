@@ -251,7 +251,7 @@ def test_media_caps(server, model_id, media, tmp_path):
     long_clip = tmp_path / "long.wav"
     soundfile.write(long_clip, np.zeros(16000 * 4, dtype=np.float32), 16000)
     response = post(server, "/v1/chat/completions", {"model": model_id, **user([audio_part(long_clip)])})
-    assert response.status_code == 400 and "of audio" in response.json()["error"]["message"]
+    assert response.status_code == 413 and "at most 3 s of audio" in response.json()["error"]["message"]
 
 
 def test_model_must_be_served_and_a_path_loads_nothing(server, client, checkpoint, model_id):

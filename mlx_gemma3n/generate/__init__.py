@@ -240,7 +240,7 @@ class ChatSession:
     def turn_tokens(self, content) -> list[int]:
         """Record the user's turn (a string or content parts); the tokens the cache still needs."""
         previous = self.messages
-        self.messages = previous + [{"role": "user", "content": content}]
+        self.messages = previous + self.processor.split_long_audio([{"role": "user", "content": content}])
         if self.session is not None and previous and previous[-1]["role"] == "assistant":
             with_placeholder = previous[:-1] + [{"role": "assistant", "content": self.PLACEHOLDER}]
             rendered = self._render(with_placeholder + self.messages[-1:])

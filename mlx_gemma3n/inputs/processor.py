@@ -24,10 +24,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ..architecture.audio import AudioConfig
 from ..errors import Gemma3nError
 from .audio_features import GEMMA3N_AUDIO, AudioFeatureSettings, extract_features, load_audio, num_frames
+from .audio_split import split_points
 from .image import preprocess_image
 from .preprocessor_config import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, preprocessing_settings
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+MAX_CLIP_SECONDS = 30
 
 
 def soft_token_count(num_samples: int, audio_config: dict, settings: AudioFeatureSettings = GEMMA3N_AUDIO) -> int:
@@ -205,6 +207,47 @@ class Processor:
                 )
         return features, valid
 
+    @cached_property
+    def max_clip_samples(self) -> int:
+        """The longest clip the audio tower takes: 30 s, fewer samples if they would give more soft
+        tokens than the model's `audio_soft_tokens_per_image`."""
+        rate = self.audio_settings.sampling_rate
+        low, high = 1, MAX_CLIP_SECONDS * rate
+        if self.audio_tower_config is None:
+            return high
+        while low < high:  # the largest n whose soft tokens fit (the count grows with n)
+            middle = (low + high + 1) // 2
+            if soft_token_count(middle, self.audio_tower_config, self.audio_settings) <= self.audio_soft_tokens:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def split_audio(self, samples: np.ndarray) -> list[tuple[int, int]]:
+        """(start, end) sample offsets of the clips a recording is cut into: consecutive, each at most
+        `max_clip_samples`, each cut in a pause (audio_split.py)."""
+        return split_points(samples, self.audio_settings.sampling_rate, self.max_clip_samples)
+
+    def split_long_audio(self, messages: list[dict]) -> list[dict]:
+        """The messages with each audio part loaded, and one longer than a clip replaced by its clips,
+        in order (each its own audio block)."""
+        rate = self.audio_settings.sampling_rate
+        out = []
+        for message in messages:
+            content = message.get("content")
+            if not isinstance(content, list):
+                out.append(message)
+                continue
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "audio":
+                    samples = load_audio(media_source(part, "audio"), rate)
+                    parts += [{"type": "audio", "audio": samples[start:end]} for start, end in self.split_audio(samples)]
+                else:
+                    parts.append(part)
+            out.append({**message, "content": parts})
+        return out
+
     def load_media(self, messages: list[dict]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
         """The images and audio clips of HF-format chat messages, loaded and preprocessed, in order."""
         images, audio = [], []
@@ -225,7 +268,9 @@ class Processor:
         return text
 
     def prepare(self, messages: list[dict], tools: list[dict] | None = None) -> Prompt:
-        """Chat messages (content strings or parts: text, image, audio) -> Prompt, generation prompt included."""
+        """Chat messages (content strings or parts: text, image, audio of any length) -> Prompt, generation
+        prompt included."""
+        messages = self.split_long_audio(messages)
         text = self.expand_media_placeholders(self.apply_chat_template(messages, add_generation_prompt=True, tools=tools))
         images, audio = self.load_media(messages)
         ids = self.encode(text, add_bos=False)

@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "address, 127.0.0.1, localhost and [::1] (a page elsewhere that rebinds its name gets 421)")
     parser.add_argument("--max-request-bytes", type=int, default=32 << 20)
     parser.add_argument("--max-images", type=int, default=8, help="images per request")
-    parser.add_argument("--max-audio-seconds", type=float, default=60.0, help="seconds of audio per request")
+    parser.add_argument("--max-audio-seconds", type=float, default=600.0, help="seconds of audio per request (a clip over 30 s is cut into several)")
     parser.add_argument("--allow-remote-media", action="store_true", help="let requests name http(s) image URLs (public addresses only)")
     parser.add_argument("--allow-private-media", action="store_true",
                         help="with --allow-remote-media: also fetch from loopback, private and link-local addresses")

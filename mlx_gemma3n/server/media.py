@@ -36,7 +36,7 @@ AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 @dataclass
 class MediaLimits:
     max_images: int = 8
-    max_audio_seconds: float = 60.0
+    max_audio_seconds: float = 600.0
     allow_remote: bool = False
     remote_timeout: float = 10.0
     remote_max_bytes: int = 16 << 20

@@ -162,7 +162,7 @@ def chat_content(content, param: str, role: str, context: RequestContext, counts
             samples = audio_from_part(part.get("input_audio"), f"{where}.input_audio", rate)
             counts["audio_seconds"] += len(samples) / rate
             if counts["audio_seconds"] > context.limits.max_audio_seconds:
-                raise bad_request(f"{where}: a request takes at most {context.limits.max_audio_seconds:g} s of audio", where)
+                raise ApiError(413, f"{where}: a request takes at most {context.limits.max_audio_seconds:g} s of audio", where)
             parts.append({"type": "audio", "audio": samples})
         else:
             raise bad_request(f"{where} must be a text, image_url or input_audio part", where)
