@@ -64,6 +64,8 @@ def test_the_wheel_holds_the_package_and_its_data(wheel):
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "mlx_gemma3n").rglob("*.py")}
     assert modules <= names, modules - names
     assert "mlx_gemma3n/data/matformer_configs.csv" in names
+    page = {str(p.relative_to(ROOT)) for p in (ROOT / "mlx_gemma3n" / "server" / "ui").iterdir()}
+    assert "mlx_gemma3n/server/ui/index.html" in page and page <= names, page - names  # the chat page
     assert not any(name.startswith(("tests/", "benchmarks/", "examples/")) for name in names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

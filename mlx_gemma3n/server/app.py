@@ -24,6 +24,7 @@ from ..decoding.tools import CallStream
 from .decoding import Delta
 from .engine import Engine, Job
 from .errors import ApiError
+from .page import page_routes
 from .requests import RequestContext, parse_chat, parse_completion, parse_json
 from .responses import SSE_DONE, Reply, sse
 
@@ -231,14 +232,16 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(500, f"internal error: {type(exc).__name__}"))
 
 
-def create_app(engine: Engine, context: RequestContext, security: Security) -> Starlette:
-    """The app over a started engine (it stops the engine when it shuts down)."""
+def create_app(engine: Engine, context: RequestContext, security: Security, page: bool = True) -> Starlette:
+    """The app over a started engine (it stops the engine when it shuts down); `page`: serve the chat
+    page at `/`."""
     api = Api(engine, context)
     routes = [
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        *(page_routes() if page else []),
     ]
     middleware = [Middleware(Guard, security=security)]
     if security.allow_origins:

@@ -27,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="another name clients may reach the server by (its Host header); by default only the bound "
                              "address, 127.0.0.1, localhost and [::1] (a page elsewhere that rebinds its name gets 421)")
+    parser.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     parser.add_argument("--max-request-bytes", type=int, default=32 << 20)
     parser.add_argument("--max-images", type=int, default=8, help="images per request")
     parser.add_argument("--max-audio-seconds", type=float, default=600.0, help="seconds of audio per request (a clip over 30 s is cut into several)")
@@ -96,8 +97,9 @@ def serve(args: argparse.Namespace) -> None:
         grammars=engine.grammars,
     )
     security = Security(args.api_key, tuple(args.allow_origin), args.max_request_bytes, args.host, args.port, tuple(args.allowed_host))
-    print(f"serving {model_id} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(engine, context, security), host=args.host, port=args.port, log_level="warning")
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    print(f"serving {model_id} on {url}" + ("" if args.no_ui else f" (the chat page: {url}/)"), file=sys.stderr, flush=True)
+    uvicorn.run(create_app(engine, context, security, page=not args.no_ui), host=args.host, port=args.port, log_level="warning")
 
 
 def main(argv=None) -> int:
