@@ -161,6 +161,27 @@ def test_an_attached_image_and_wav_give_the_apis_reply(page, loaded, tiny_media,
     expect(you.locator("audio")).to_have_count(1)
 
 
+DROP_AND_PASTE = """async ([name, data]) => {
+    const file = () => new File([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))], name, {type: "image/png"});
+    const dropped = new DataTransfer(), pasted = new DataTransfer();
+    dropped.items.add(file());
+    pasted.items.add(file());
+    document.getElementById("messages").dispatchEvent(new DragEvent("drop", {dataTransfer: dropped, bubbles: true, cancelable: true}));
+    document.getElementById("message").dispatchEvent(new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true}));
+}"""
+
+
+def test_images_dropped_on_the_page_or_pasted_are_attached(page, loaded, tiny_media):
+    image = tiny_media["image"]
+    set_options(page, max_tokens="6")
+    page.evaluate(DROP_AND_PASTE, [image.name, base64.b64encode(image.read_bytes()).decode()])
+    expect(page.get_by_label("Attachments")).to_have_text("picture.png×picture.png×")
+    send(page, "two of them")
+    _, source = last_reply(page)
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}] * 2 + [{"type": "text", "text": "two of them"}]}]
+    assert source == greedy(loaded, messages, 6)
+
+
 def test_regenerate_and_edit(page, loaded):
     set_options(page, max_tokens="10")
     send(page, "first try")
