@@ -151,6 +151,38 @@ def test_concurrent_clients_each_get_their_single_request_reply(client, model_id
         assert (text, usage.completion_tokens) == expected[i], f"request {i}"
 
 
+def test_same_ids_and_different_audio_in_one_batch(loaded, checkpoint):
+    """Two requests whose token ids are the same (an audio clip is 188 placeholders whatever its
+    length) and whose audio differs, in the batch together, the second finishing first: each gets its
+    own reply (the engine once compared their arrays to find the finished one, and failed)."""
+    import queue
+
+    from mlx_gemma3n.decoding.sampling import SamplingParams
+    from mlx_gemma3n.server.engine import Engine, Job
+    from mlx_gemma3n.server.requests import GenerationRequest
+
+    model, processor = loaded
+    rng = np.random.default_rng(5)
+    engine, cases = Engine(lambda: load(checkpoint)[0], processor, max_batch=2), []  # loaded in its thread
+    for seconds, max_tokens in ((2.0, 12), (1.0, 2)):
+        clip = (0.3 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
+        messages = [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "What is said?"}]}]
+        request = GenerationRequest(processor.prepare(messages), ((), (f"clip of {seconds} s",)), max_tokens, SamplingParams(temperature=0.0))
+        deltas = queue.Queue()
+        engine.submit(Job(request, deltas.put))
+        cases.append((deltas, messages, max_tokens))
+    engine.start()  # both wait in the queue, so they join the batch together
+    try:
+        for deltas, messages, max_tokens in cases:
+            text = []
+            while not text or text[-1].finish_reason is None:
+                text.append(deltas.get(timeout=600))
+                assert text[-1].error is None, text[-1].error
+            assert ("".join(d.text for d in text), text[-1].usage.completion_tokens) == reference(loaded, messages, max_tokens)
+    finally:
+        engine.stop()
+
+
 def test_resent_chat_prefills_only_the_new_turn(client, model_id, loaded):
     history = [{"role": "user", "content": " ".join(f"line {i} of a long story about cats" for i in range(50))}]
     assert len(loaded[1].prepare(history).ids) >= 1000

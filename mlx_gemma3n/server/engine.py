@@ -27,7 +27,7 @@ from .prefix_cache import PrefixCache
 from .requests import GenerationRequest
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a request's media are arrays
 class Job:
     """A request handed to the engine; `deliver` is called from the worker thread with each Delta."""
 
@@ -36,7 +36,7 @@ class Job:
     cancelled: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     job: Job
     decoder: Decoder
@@ -106,6 +106,7 @@ class Engine:
             ready = [s for s in self.running if not s.prefilling]
             if ready:
                 self.guarded(ready, self.decode_step)
+        mx.clear_streams()  # MLX needs a thread's streams destroyed as it ends, or the process aborts at exit
 
     def admit(self) -> None:
         """Move waiting jobs into the batch; wait for one when nothing runs."""
