@@ -1,4 +1,4 @@
-"""Transcribe speech (WAV, FLAC, MP3, OGG; any sample rate, up to 30 s a clip), streaming the text.
+"""Transcribe speech (WAV, FLAC, MP3, OGG; any sample rate; over 30 s it is cut into clips), streaming the text.
 
     python examples/transcribe.py --model google/gemma-3n-E2B-it --audio speech.wav
 """

@@ -20,7 +20,7 @@ import tomllib
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["generate", "convert", "lora", "fuse", "server", "matformer"]
+COMMANDS = ["generate", "convert", "lora", "fuse", "server", "matformer", "transcribe"]
 BAR = re.compile(r"converting: +100%\|.*\| *[\d.]+[kMG]?/[\d.]+[kMG]? \[\d\d:\d\d<\d\d:\d\d, +[\d.]+[kMG]?B/s\]")  # done/total [elapsed<left, rate]
 
 

@@ -68,6 +68,23 @@ def test_transcription(tiny_ckpt_256, loaded, media):
     assert out == expected + "\n"
 
 
+def test_subtitles_of_a_long_recording(tiny_ckpt_256, tmp_path):
+    """The example's SubRip file is the transcribe command's (tests/test_transcribe.py checks that one)."""
+    import soundfile
+
+    from helpers import RATE, recording
+
+    audio = tmp_path / "meeting.wav"
+    soundfile.write(audio, recording(50, 2)[0], RATE)
+    out = run_example("transcribe_srt.py", "--model", str(tiny_ckpt_256.path), str(audio))
+    assert out == f"{tmp_path / 'meeting.srt'}\n"
+    command = subprocess.run([sys.executable, "-m", "mlx_gemma3n.transcribe", str(audio), "--model", str(tiny_ckpt_256.path),
+                              "--format", "srt", "--output-dir", str(tmp_path / "cli"), "--quiet"], capture_output=True, timeout=600)
+    assert command.returncode == 0, command.stderr
+    assert (tmp_path / "meeting.srt").read_text() == (tmp_path / "cli" / "meeting.srt").read_text()
+    assert (tmp_path / "meeting.srt").read_text().count(" --> ") >= 2  # over 50 s: several clips
+
+
 def test_image_and_audio(tiny_ckpt_256, loaded, media):
     image, audio = media
     instruction = "Answer the question in the audio about the image."

@@ -19,7 +19,7 @@ LAYERS = [
     {"adapters"},
     {"inputs", "decoding"},
     {"tuner"},
-    {"__init__", "generate", "convert", "server", "lora", "fuse", "matformer"},
+    {"__init__", "generate", "convert", "server", "transcribe", "lora", "fuse", "matformer"},
 ]
 RANK = {part: rank for rank, layer in enumerate(LAYERS) for part in layer}
 

@@ -81,6 +81,47 @@ def decode_audio(file, name: str, sampling_rate: int = GEMMA3N_AUDIO.sampling_ra
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+def audio_duration(file, name: str) -> float:
+    """Seconds of an audio file (a path or an open file, left at its start), from its header."""
+    try:
+        info = soundfile.info(file)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise Gemma3nError(f"cannot read {name}: {exc}") from None
+    finally:
+        if hasattr(file, "seek"):
+            file.seek(0)
+    return info.frames / info.samplerate
+
+
+def read_audio_blocks(file, name: str, sampling_rate: int = GEMMA3N_AUDIO.sampling_rate, block_seconds: float = 10.0):
+    """`decode_audio` in blocks of about `block_seconds`, for recordings of any length: yields mono
+    float32 arrays at `sampling_rate`, resampled as a stream, so memory does not grow with the length."""
+    try:
+        audio = soundfile.SoundFile(file)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise Gemma3nError(f"cannot read {name}: {exc}") from None
+    with audio:
+        resampler = None if audio.samplerate == sampling_rate else soxr.ResampleStream(audio.samplerate, sampling_rate, 1, dtype="float32", quality="HQ")
+        read = 0
+        while True:
+            try:
+                data = audio.read(max(1, int(block_seconds * audio.samplerate)), dtype="float32", always_2d=True)
+            except (soundfile.LibsndfileError, RuntimeError) as exc:
+                raise Gemma3nError(f"cannot read {name}: {exc}") from None
+            last = len(data) == 0
+            mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+            if not np.all(np.isfinite(mono)):
+                raise Gemma3nError(f"{name} holds non-finite samples")
+            read += len(mono)
+            if last and read == 0:
+                raise Gemma3nError(f"{name} has no samples")
+            block = mono if resampler is None else resampler.resample_chunk(mono, last=last)
+            if len(block):
+                yield np.ascontiguousarray(block, dtype=np.float32)
+            if last:
+                return
+
+
 def _checked_array(audio: np.ndarray, sampling_rate: int) -> np.ndarray:
     if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
         raise Gemma3nError(

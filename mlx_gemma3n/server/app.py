@@ -27,6 +27,7 @@ from .errors import ApiError
 from .page import page_routes
 from .requests import RequestContext, parse_chat, parse_completion, parse_json
 from .responses import SSE_DONE, Reply, sse
+from .transcription import UPLOAD_PATHS, AudioApi
 
 DISCONNECT_POLL_SECONDS = 0.5
 
@@ -74,7 +75,8 @@ class Guard:
     """ASGI middleware, before any body is read: the Host header must name this server (a web page
     on another site that re-resolves its name to 127.0.0.1, DNS rebinding, gets 421); a browser's
     Origin must be the server's own or an allowed one (403); a POST to the API must be JSON (415: a
-    cross-site form cannot send one without a CORS preflight); the API key on /v1/*; the body cap,
+    cross-site form cannot send one without a CORS preflight), multipart only to the upload paths
+    (a cross-site form there still carries its Origin, refused above); the API key on /v1/*; the body cap,
     checked on Content-Length and counted as the body streams in (a chunked body has no length).
     Every response carries a strict Content-Security-Policy, nosniff and no referrer."""
 
@@ -118,8 +120,9 @@ class Guard:
             return ApiError(403, f"requests from the web origin '{origin}' are refused (start the server with --allow-origin)")
         path, method = scope["path"], scope["method"]
         content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if method == "POST" and path.startswith("/v1/") and content_type != "application/json":
-            return ApiError(415, f"POST {path} takes Content-Type application/json, got '{content_type or 'none'}'")
+        expected = "multipart/form-data" if path in UPLOAD_PATHS else "application/json"
+        if method == "POST" and path.startswith("/v1/") and content_type != expected:
+            return ApiError(415, f"POST {path} takes Content-Type {expected}, got '{content_type or 'none'}'")
         key = self.security.api_key
         if key is not None and path.startswith("/v1/") and method != "OPTIONS":
             given = headers.get("authorization", "")
@@ -235,12 +238,14 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
 def create_app(engine: Engine, context: RequestContext, security: Security, page: bool = True) -> Starlette:
     """The app over a started engine (it stops the engine when it shuts down); `page`: serve the chat
     page at `/`."""
-    api = Api(engine, context)
+    api, audio = Api(engine, context), AudioApi(engine, context)
     routes = [
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route(UPLOAD_PATHS[0], audio.transcriptions, methods=["POST"]),
+        Route(UPLOAD_PATHS[1], audio.translations, methods=["POST"]),
         *(page_routes() if page else []),
     ]
     middleware = [Middleware(Guard, security=security)]
