@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import pty
+import select
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import numpy as np
@@ -123,3 +129,26 @@ def recording(seconds: float, seed: int) -> tuple[np.ndarray, list[tuple[int, in
         pauses.append((at, at + gap))
         at += gap
     return np.concatenate(pieces).astype(np.float32), pauses
+
+
+def on_a_terminal(command: list[str]) -> tuple[int, str]:
+    """Runs `command` with its stderr on a pseudo-terminal: (exit code, what it wrote there)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns: a real terminal's
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    written = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed the terminal's last descriptor
+                chunk = b""
+            if not chunk:
+                break
+            written += chunk
+        elif process.poll() is not None:
+            break
+    os.close(leader)
+    return process.wait(), written.decode(errors="replace")

@@ -3,21 +3,17 @@ conversion's progress bar (on a terminal only)."""
 
 from __future__ import annotations
 
-import fcntl
-import os
-import pty
 import re
-import select
-import struct
 import subprocess
 import sys
 import sysconfig
-import termios
 from pathlib import Path
 
 import pytest
 import tomllib
 from tqdm import tqdm
+
+from helpers import on_a_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["generate", "convert", "lora", "fuse", "server", "matformer", "transcribe"]
@@ -50,29 +46,6 @@ def test_usage_names_the_command_as_it_was_run():
     assert subprocess.run([str(script), "--help"], capture_output=True, text=True).stdout.startswith("usage: mlx_gemma3n.convert ")
     by_module = subprocess.run([sys.executable, "-m", "mlx_gemma3n.convert", "--help"], capture_output=True, text=True)
     assert by_module.stdout.startswith("usage: python -m mlx_gemma3n.convert ")
-
-
-def on_a_terminal(command: list[str]) -> tuple[int, str]:
-    """Runs `command` with its stderr on a pseudo-terminal: (exit code, what it wrote there)."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns: a real terminal's
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
-    os.close(follower)
-    written = b""
-    while True:
-        ready, _, _ = select.select([leader], [], [], 1.0)
-        if ready:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the process closed the terminal's last descriptor
-                chunk = b""
-            if not chunk:
-                break
-            written += chunk
-        elif process.poll() is not None:
-            break
-    os.close(leader)
-    return process.wait(), written.decode(errors="replace")
 
 
 def source_bytes(folder: Path) -> int:

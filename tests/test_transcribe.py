@@ -27,7 +27,7 @@ from mlx_gemma3n.inputs.audio_split import ClipSplitter
 from mlx_gemma3n.transcribe.prompts import answer_text, instruction
 from mlx_gemma3n.transcribe.transcriber import DEFAULT_MAX_TOKENS
 
-from helpers import RATE, recording, running_server
+from helpers import RATE, on_a_terminal, recording, running_server
 
 MAX_AUDIO_SECONDS = 120
 
@@ -106,6 +106,17 @@ def test_the_formats_hold_the_same_segments_cut_where_the_processor_cuts(transcr
                [(s["start"], s["end"], s["text"]) for s in segments]
     for segment in segments:  # printed as each finished
         assert f"{segment['start']:8.2f} -> {segment['end']:8.2f}] {segment['text']}" in transcripts["txt-stdout"]
+
+
+def test_a_terminal_shows_the_audio_seconds_done_and_the_real_time_factor(checkpoint, talk, tmp_path):
+    command = [sys.executable, "-m", "mlx_gemma3n.transcribe", str(talk), "--model", str(checkpoint), "--output-dir", str(tmp_path)]
+    code, shown = on_a_terminal(command)
+    assert code == 0, shown
+    total = round(soundfile.info(str(talk)).duration)
+    assert re.search(rf"talk\.flac: 100%\|[^|]*\| {total}/{total} s audio \[\d\d:\d\d<\d\d:\d\d, [\d.]+x real time\]", shown), shown
+    assert "wrote" in shown and (tmp_path / "talk.txt").exists()
+    piped = transcribe(talk, "--model", checkpoint, "--output-dir", tmp_path / "piped")
+    assert "real time" not in piped.stderr and "wrote" in piped.stderr
 
 
 def test_each_clip_of_a_batch_is_its_text_transcribed_alone(transcripts, loaded, talk):

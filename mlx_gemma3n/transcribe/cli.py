@@ -62,12 +62,13 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 class Progress:
-    """Audio seconds done of the file, with the speed as a real-time factor (audio s per wall s)."""
+    """Audio seconds done of the file, with the speed as a real-time factor (audio s per wall s); on
+    a terminal only, as convert's bar."""
 
     def __init__(self, path: Path, seconds: float, quiet: bool):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=round(seconds, 1), unit="s", desc=path.name, disable=quiet, file=sys.stderr,
+        self.bar = tqdm(total=round(seconds, 1), unit="s", desc=path.name, disable=quiet or not sys.stderr.isatty(), file=sys.stderr,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]")
         self.started = time.perf_counter()
 
