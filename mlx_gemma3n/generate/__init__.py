@@ -87,7 +87,7 @@ class StreamingDetokenizer:
 
 def prepare_prompt(processor, prompt, system: str | None = None, constraints: Constraints = Constraints()) -> Prompt:
     """A prompt as a string (one user turn), HF-format chat messages (content strings or parts with
-    text, images and audio; assistant `tool_calls` and `tool` turns), or ready token ids."""
+    text, images, audio and video; assistant `tool_calls` and `tool` turns), or ready token ids."""
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         if constraints.tools:
             raise Gemma3nError("tools need a chat prompt (a string or messages), not token ids")
@@ -240,7 +240,7 @@ class ChatSession:
     def turn_tokens(self, content) -> list[int]:
         """Record the user's turn (a string or content parts); the tokens the cache still needs."""
         previous = self.messages
-        self.messages = previous + self.processor.split_long_audio([{"role": "user", "content": content}])
+        self.messages = previous + self.processor.expand_parts([{"role": "user", "content": content}])
         if self.session is not None and previous and previous[-1]["role"] == "assistant":
             with_placeholder = previous[:-1] + [{"role": "assistant", "content": self.PLACEHOLDER}]
             rendered = self._render(with_placeholder + self.messages[-1:])
@@ -261,7 +261,7 @@ class ChatSession:
         prefill_step_size: int = 512,
         skip_special_tokens: bool = True,
     ):
-        """Stream the reply to one user turn: a string, or HF content parts (text, image, audio)."""
+        """Stream the reply to one user turn: a string, or HF content parts (text, image, audio, video)."""
         tokens = self.turn_tokens(content)
         held = len(self.session.history)
         # only this turn's media are new unless the cache was rebuilt from the whole conversation
@@ -300,8 +300,9 @@ def stream_generate(
     response_format: dict | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt`: a string, HF-format chat messages (content parts may carry
-    images `{"type": "image", "image": path/URL/PIL/array}` and audio `{"type": "audio", "audio":
-    path/array}`; assistant messages may carry OpenAI `tool_calls`, and `{"role": "tool",
+    images `{"type": "image", "image": path/URL/PIL/array}`, audio `{"type": "audio", "audio":
+    path/array}` and video `{"type": "video", "video": path/bytes/frames}` (`processor.video_parts`
+    shows what it becomes); assistant messages may carry OpenAI `tool_calls`, and `{"role": "tool",
     "tool_call_id": ..., "content": ...}` messages answer them), or token ids.
 
     Sampling defaults come from the model's generation_config.json; temperature 0 is greedy. The text

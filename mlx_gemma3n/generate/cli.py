@@ -30,6 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--image", action="append", default=[], help="image file or URL (repeatable)")
     parser.add_argument("--audio", action="append", default=[], help="audio file: WAV, FLAC, MP3... (repeatable)")
+    parser.add_argument("--video", action="append", default=[], help="video file: MP4, WebM, MOV...; its frames as images, "
+                        "each after its time, then its sound (repeatable; needs the [video] extra)")
+    parser.add_argument("--video-fps", type=float, default=1.0, help="video frames sampled per second, at most")
+    parser.add_argument("--max-frames", type=int, default=8, help="video frames per video, at most (spread over the whole video)")
     parser.add_argument("--max-tokens", "-m", type=int, default=256)
     parser.add_argument("--temp", type=float, help="sampling temperature (0 = greedy; default: the model's)")
     parser.add_argument("--top-k", type=int)
@@ -56,8 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise Gemma3nError(f"--max-tokens must be > 0, got {args.max_tokens}")
     if args.prefill_step_size <= 0:
         raise Gemma3nError(f"--prefill-step-size must be > 0, got {args.prefill_step_size}")
-    if args.prompt_cache_file and (args.image or args.audio):
-        raise Gemma3nError("--prompt-cache-file works with text prompts only, not with --image/--audio")
+    if args.prompt_cache_file and (args.image or args.audio or args.video):
+        raise Gemma3nError("--prompt-cache-file works with text prompts only, not with --image/--audio/--video")
+    if not args.video_fps > 0:
+        raise Gemma3nError(f"--video-fps must be > 0, got {args.video_fps}")
+    if args.max_frames < 1:
+        raise Gemma3nError(f"--max-frames must be >= 1, got {args.max_frames}")
     if args.tools and (args.chat or args.prompt_cache_file):
         raise Gemma3nError("--tools works with --prompt, not with --chat or --prompt-cache-file")
     return args
@@ -79,11 +87,12 @@ def tool_choice_arg(value: str):
 
 
 def user_content(text: str, args):
-    """The user turn: plain text, or content parts when images or audio come with it."""
-    if not (args.image or args.audio):
+    """The user turn: plain text, or content parts when images, audio or videos come with it."""
+    if not (args.image or args.audio or args.video):
         return text
     media = [{"type": "image", "image": i} for i in args.image] + [{"type": "audio", "audio": a} for a in args.audio]
-    return media + [{"type": "text", "text": text}]
+    videos = [{"type": "video", "video": v, "fps": args.video_fps, "max_frames": args.max_frames} for v in args.video]
+    return media + videos + [{"type": "text", "text": text}]
 
 
 def print_stats(response, session: Session, verbose: bool) -> None:

@@ -1,7 +1,7 @@
 """Prompts -> model inputs: the tokenizer (tokenizer.json through the `tokenizers` library), the
 model's own chat template (rendered the way Transformers' `apply_chat_template` renders it), and the
 images and audio clips of chat messages, with their placeholders expanded as Transformers'
-Gemma3nProcessor expands them.
+Gemma3nProcessor expands them. A video part becomes the frames and sound it holds (video.py).
 
 Transformers is not imported at run time: it is heavy to import and not needed to tokenize.
 """
@@ -27,6 +27,7 @@ from .audio_features import GEMMA3N_AUDIO, AudioFeatureSettings, extract_feature
 from .audio_split import split_points
 from .image import preprocess_image
 from .preprocessor_config import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, preprocessing_settings
+from .video import load_video
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 MAX_CLIP_SECONDS = 30
@@ -228,25 +229,35 @@ class Processor:
         `max_clip_samples`, each cut in a pause (audio_split.py)."""
         return split_points(samples, self.audio_settings.sampling_rate, self.max_clip_samples)
 
-    def split_long_audio(self, messages: list[dict]) -> list[dict]:
-        """The messages with each audio part loaded, and one longer than a clip replaced by its clips,
-        in order (each its own audio block)."""
-        rate = self.audio_settings.sampling_rate
-        out = []
-        for message in messages:
-            content = message.get("content")
-            if not isinstance(content, list):
-                out.append(message)
-                continue
-            parts = []
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "audio":
-                    samples = load_audio(media_source(part, "audio"), rate)
-                    parts += [{"type": "audio", "audio": samples[start:end]} for start, end in self.split_audio(samples)]
-                else:
-                    parts.append(part)
-            out.append({**message, "content": parts})
-        return out
+    def video_parts(self, source, fps: float = 1.0, max_frames: int = 8) -> list[dict]:
+        """The content parts a video is shown as: each sampled frame as an image after its time as text
+        ("Frame at 0:03:"), then its sound as an audio part when it has any (video.py says how frames
+        are sampled). `source`: a file path, the file's bytes, or frames (T, H, W, 3) uint8 taken `fps`
+        times a second."""
+        return load_video(source, fps, max_frames, self.audio_settings.sampling_rate).parts()
+
+    def expanded_parts(self, part) -> list[dict]:
+        """A content part as the parts it stands for: a video part {"type": "video", "video": ...,
+        optional "fps", "max_frames"} its `video_parts` (their audio expanded in turn), an audio part
+        loaded and, when longer than a clip, cut into its clips; any other part as it is."""
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "video":
+            options = {key: part[key] for key in ("fps", "max_frames") if part.get(key) is not None}
+            parts = self.video_parts(media_source(part, "video"), **options)
+            return [expanded for sub in parts for expanded in self.expanded_parts(sub)]
+        if kind == "audio":
+            samples = load_audio(media_source(part, "audio"), self.audio_settings.sampling_rate)
+            return [{"type": "audio", "audio": samples[start:end]} for start, end in self.split_audio(samples)]
+        return [part]
+
+    def expand_parts(self, messages: list[dict]) -> list[dict]:
+        """The messages with each content part expanded (`expanded_parts`): videos as frames and sound,
+        audio in clips of at most 30 s."""
+        return [
+            {**message, "content": [p for part in message["content"] for p in self.expanded_parts(part)]}
+            if isinstance(message.get("content"), list) else message
+            for message in messages
+        ]
 
     def load_media(self, messages: list[dict]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
         """The images and audio clips of HF-format chat messages, loaded and preprocessed, in order."""
@@ -268,9 +279,9 @@ class Processor:
         return text
 
     def prepare(self, messages: list[dict], tools: list[dict] | None = None) -> Prompt:
-        """Chat messages (content strings or parts: text, image, audio of any length) -> Prompt, generation
-        prompt included."""
-        messages = self.split_long_audio(messages)
+        """Chat messages (content strings or parts: text, image, audio of any length, video) -> Prompt,
+        generation prompt included."""
+        messages = self.expand_parts(messages)
         text = self.expand_media_placeholders(self.apply_chat_template(messages, add_generation_prompt=True, tools=tools))
         images, audio = self.load_media(messages)
         ids = self.encode(text, add_bos=False)

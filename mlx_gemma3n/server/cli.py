@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allow-private-media", action="store_true",
                         help="with --allow-remote-media: also fetch from loopback, private and link-local addresses")
     parser.add_argument("--max-image-pixels", type=int, default=50_000_000, help="refuse larger images before decoding them")
+    parser.add_argument("--video-fps", type=float, default=1.0, help="frames sampled per second of a video, at most")
+    parser.add_argument("--max-video-frames", type=int, default=8, help="frames sampled per video, at most (each counts "
+                        "against --max-images)")
     parser.add_argument("--max-tokens", type=int, default=512, help="max_tokens of a request that gives none")
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting to join the batch (429 beyond)")
@@ -91,7 +94,8 @@ def serve(args: argparse.Namespace) -> None:
         model_id=model_id,
         adapters=tuple(name for name, _ in adapters),
         limits=MediaLimits(args.max_images, args.max_audio_seconds, args.allow_remote_media,
-                           allow_private=args.allow_private_media, max_image_pixels=args.max_image_pixels),
+                           allow_private=args.allow_private_media, max_image_pixels=args.max_image_pixels,
+                           video_fps=args.video_fps, max_video_frames=args.max_video_frames),
         context_limit=config.text.max_position_embeddings,
         default_max_tokens=args.max_tokens,
         grammars=engine.grammars,

@@ -1,7 +1,7 @@
-"""The images and audio clips of a request: `data:` URLs, base64 `input_audio`, and (only when the
-server allows it) remote http(s) images. A request never names a local file.
+"""The images, audio clips and videos of a request: `data:` URLs, base64 `input_audio`, and (only when
+the server allows it) remote http(s) images and videos. A request never names a local file.
 
-A remote image is fetched only from a public address unless the server allows private ones: the
+A remote image or video is fetched only from a public address unless the server allows private ones: the
 address is checked on the connection itself, after the name is resolved, and again for each
 redirect, so a name that re-resolves to 127.0.0.1 between a check and the fetch gets nowhere
 (server-side request forgery into the user's own machine and network)."""
@@ -26,10 +26,12 @@ from PIL import Image
 from ..errors import Gemma3nError
 from ..inputs.audio_features import decode_audio
 from ..inputs.image import load_image, open_image
-from .errors import bad_request
+from ..inputs.video import SoundTooLong, Video, load_video
+from .errors import ApiError, bad_request
 
 DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
 IMAGE_MIME_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
+VIDEO_MIME_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/mpeg", "video/ogg", "video/x-msvideo")
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 
 
@@ -41,7 +43,9 @@ class MediaLimits:
     remote_timeout: float = 10.0
     remote_max_bytes: int = 16 << 20
     allow_private: bool = False  # remote media from loopback, private, link-local... addresses
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = 50_000_000  # a video's frames too
+    video_fps: float = 1.0  # frames sampled per second of a video, at most
+    max_video_frames: int = 8  # frames sampled per video, at most (each counts as an image)
 
 
 def decode_base64(data: str, param: str) -> bytes:
@@ -51,22 +55,27 @@ def decode_base64(data: str, param: str) -> bytes:
         raise bad_request(f"{param} is not valid base64", param) from None
 
 
-def image_from_url(url: str, param: str, limits: MediaLimits) -> Image.Image:
-    """A decoded RGB image from an `image_url.url`: a base64 data URL, or http(s) when allowed."""
+def url_bytes(url: str, param: str, limits: MediaLimits, kind: str, mime_types) -> bytes:
+    """The bytes an `image_url.url` or `video_url.url` names: a base64 data URL of one of `mime_types`
+    (a `kind`), or http(s) when allowed."""
     match = DATA_URL.fullmatch(url) if url.startswith("data:") else None
     if match:
         mime = match["mime"].lower()
-        if mime not in IMAGE_MIME_TYPES:
-            raise bad_request(f"{param}: images must be {', '.join(sorted(set(IMAGE_MIME_TYPES)))}, not '{mime}'", param)
-        data = decode_base64(match["data"], param)
-    elif url.startswith("data:"):
-        raise bad_request(f"{param}: a data URL must be base64 (data:image/png;base64,...)", param)
-    elif url.startswith(("http://", "https://")):
+        if mime not in mime_types:
+            raise bad_request(f"{param}: {kind}s must be {', '.join(sorted(set(mime_types)))}, not '{mime}'", param)
+        return decode_base64(match["data"], param)
+    if url.startswith("data:"):
+        raise bad_request(f"{param}: a data URL must be base64 (data:{next(iter(mime_types))};base64,...)", param)
+    if url.startswith(("http://", "https://")):
         if not limits.allow_remote:
-            raise bad_request(f"{param}: remote image URLs are off (start the server with --allow-remote-media)", param)
-        data = fetch_remote(url, param, limits)
-    else:
-        raise bad_request(f"{param} must be a data: URL (or http(s) with --allow-remote-media); local paths are refused", param)
+            raise bad_request(f"{param}: remote {kind} URLs are off (start the server with --allow-remote-media)", param)
+        return fetch_remote(url, param, limits)
+    raise bad_request(f"{param} must be a data: URL (or http(s) with --allow-remote-media); local paths are refused", param)
+
+
+def image_from_url(url: str, param: str, limits: MediaLimits) -> Image.Image:
+    """A decoded RGB image from an `image_url.url`: a base64 data URL, or http(s) when allowed."""
+    data = url_bytes(url, param, limits, "image", IMAGE_MIME_TYPES)
     try:
         image = open_image(io.BytesIO(data), param, limits.max_image_pixels)
         if image.format not in IMAGE_MIME_TYPES.values():
@@ -74,6 +83,19 @@ def image_from_url(url: str, param: str, limits: MediaLimits) -> Image.Image:
         return load_image(image)
     except Gemma3nError as exc:
         raise bad_request(str(exc), param) from None
+
+
+def video_from_url(url: str, param: str, limits: MediaLimits, sampling_rate: int) -> Video:
+    """The sampled frames and the sound of a `video_url.url` (a base64 data URL, or http(s) when allowed),
+    at the server's frame rate and frame count."""
+    data = url_bytes(url, param, limits, "video", VIDEO_MIME_TYPES)
+    try:
+        return load_video(data, limits.video_fps, limits.max_video_frames, sampling_rate, limits.max_image_pixels,
+                          max_sound_seconds=limits.max_audio_seconds)
+    except SoundTooLong as exc:
+        raise ApiError(413, f"{param}: {exc} (the server's --max-audio-seconds)", param) from None
+    except Gemma3nError as exc:
+        raise bad_request(f"{param}: {exc}", param) from None
 
 
 class SameHostRedirects(urllib.request.HTTPRedirectHandler):

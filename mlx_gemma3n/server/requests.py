@@ -15,7 +15,7 @@ from ..errors import Gemma3nError, ParameterError
 from ..generate import sampling_params
 from ..inputs.processor import Prompt
 from .errors import ApiError, bad_request
-from .media import MediaLimits, audio_from_part, image_from_url
+from .media import MediaLimits, audio_from_part, image_from_url, video_from_url
 
 COMMON_FIELDS = {
     "model", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "stop", "repetition_penalty",
@@ -134,38 +134,58 @@ def stop_sequences(body: dict) -> list[str]:
     return stops
 
 
+def count_images(counts: dict, added: int, where: str, limits: MediaLimits) -> None:
+    counts["images"] += added
+    if counts["images"] > limits.max_images:
+        raise bad_request(f"{where}: a request takes at most {limits.max_images} images (a video's frames count as images)", where)
+
+
+def count_audio(counts: dict, samples, rate: int, where: str, limits: MediaLimits) -> None:
+    counts["audio_seconds"] += len(samples) / rate
+    if counts["audio_seconds"] > limits.max_audio_seconds:
+        raise ApiError(413, f"{where}: a request takes at most {limits.max_audio_seconds:g} s of audio", where)
+
+
+def media_url(part: dict, kind: str, where: str) -> str:
+    """The `url` of an `image_url` / `video_url` part ({url} or the URL itself)."""
+    value = part.get(kind)
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise bad_request(f"{where}.{kind}.url must be a string", f"{where}.{kind}.url")
+    return url
+
+
 def chat_content(content, param: str, role: str, context: RequestContext, counts: dict):
-    """OpenAI content (a string or parts) -> HF content: text, PIL images, audio sample arrays."""
+    """OpenAI content (a string or parts) -> HF content: text, PIL images, audio sample arrays (a video
+    as its frames and sound, `Processor.video_parts`' layout)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list) or not content:
         raise bad_request(f"{param} must be a string or a non-empty list of content parts", param)
+    limits, rate = context.limits, context.processor.audio_settings.sampling_rate
     parts = []
     for j, part in enumerate(content):
         where = f"{param}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
-        elif kind in ("image_url", "input_audio") and role != "user":
-            raise bad_request(f"{where}: only user messages may carry images and audio", where)
+        elif kind in ("image_url", "input_audio", "video_url") and role != "user":
+            raise bad_request(f"{where}: only user messages may carry images, audio and video", where)
         elif kind == "image_url":
-            counts["images"] += 1
-            if counts["images"] > context.limits.max_images:
-                raise bad_request(f"{where}: a request takes at most {context.limits.max_images} images", where)
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else image_url
-            if not isinstance(url, str):
-                raise bad_request(f"{where}.image_url.url must be a string", f"{where}.image_url.url")
-            parts.append({"type": "image", "image": image_from_url(url, f"{where}.image_url.url", context.limits)})
+            count_images(counts, 1, where, limits)
+            parts.append({"type": "image", "image": image_from_url(media_url(part, kind, where), f"{where}.image_url.url", limits)})
         elif kind == "input_audio":
-            rate = context.processor.audio_settings.sampling_rate
             samples = audio_from_part(part.get("input_audio"), f"{where}.input_audio", rate)
-            counts["audio_seconds"] += len(samples) / rate
-            if counts["audio_seconds"] > context.limits.max_audio_seconds:
-                raise ApiError(413, f"{where}: a request takes at most {context.limits.max_audio_seconds:g} s of audio", where)
+            count_audio(counts, samples, rate, where, limits)
             parts.append({"type": "audio", "audio": samples})
+        elif kind == "video_url":
+            video = video_from_url(media_url(part, kind, where), f"{where}.video_url.url", limits, rate)
+            count_images(counts, len(video.frames), where, limits)
+            if video.audio is not None:
+                count_audio(counts, video.audio, rate, where, limits)
+            parts += video.parts()
         else:
-            raise bad_request(f"{where} must be a text, image_url or input_audio part", where)
+            raise bad_request(f"{where} must be a text, image_url, input_audio or video_url part", where)
     return parts
 
 

@@ -149,9 +149,9 @@ class Tokenizer:
             ids = self.processor.encode(record["text"], add_bos=True) + self.eos
             example = Example(ids, list(ids), number)
         else:
-            messages = record.get("messages") or [
+            messages = self.processor.expand_parts(record.get("messages") or [
                 {"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}
-            ]
+            ])  # videos as their frames and sound, long audio as clips: what generation shows the model
             ids, labels = self.chat(messages, self.mask_prompt)
             images, audio = self.processor.load_media(messages)
             example = Example(ids, labels, number, images, audio)

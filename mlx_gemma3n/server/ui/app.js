@@ -104,11 +104,11 @@ function renderAttachments(parent, attachments) {
       image.alt = attachment.name;
       parent.append(image);
     } else {
-      const audio = element("audio");
-      audio.controls = true;
-      audio.src = previewUrl(attachment);
-      audio.setAttribute("aria-label", attachment.name);
-      parent.append(audio);
+      const player = element(attachment.kind === "video" ? "video" : "audio", attachment.kind === "video" ? "thumbnail" : "");
+      player.controls = true;
+      player.src = previewUrl(attachment);
+      player.setAttribute("aria-label", attachment.name);
+      parent.append(player);
     }
   }
 }

@@ -1,10 +1,12 @@
-// Attachments: files (picker, drop, paste), photos from the camera, recordings from the microphone
+// Attachments: files (picker, drop, paste: images, audio, videos), photos from the camera, recordings from the microphone
 // (encoded here as 16 kHz mono 16-bit WAV). An attachment is {kind, name, mime, data} with `data`
 // the file's bytes in base64; `contentPart` makes the OpenAI content part the server takes.
 
 const AUDIO_FORMATS = { "audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/mpeg": "mp3",
   "audio/mp3": "mp3", "audio/flac": "flac", "audio/x-flac": "flac", "audio/ogg": "ogg" };
 const AUDIO_EXTENSIONS = ["wav", "mp3", "flac", "ogg"];
+// The video types the server takes (server/media.py), by the file's extension when the browser gives none.
+const VIDEO_TYPES = { mp4: "video/mp4", m4v: "video/mp4", webm: "video/webm", mov: "video/quicktime", mkv: "video/x-matroska" };
 const RECORDING_RATE = 16000;
 
 function extension(name) {
@@ -24,17 +26,22 @@ function base64Of(bytes) {
 // The attachment of a File; throws an Error saying why a file cannot be attached.
 export async function attachmentOf(file) {
   const mime = file.type || "";
-  const kind = mime.startsWith("image/") ? "image" : audioFormat(mime, file.name) ? "audio" : null;
+  const video = mime.startsWith("video/") ? mime : VIDEO_TYPES[extension(file.name)];
+  const kind = mime.startsWith("image/") ? "image" : video ? "video" : audioFormat(mime, file.name) ? "audio" : null;
   if (!kind) {
-    throw new Error(`${file.name}: attach an image (PNG, JPEG, WebP, GIF) or audio (WAV, MP3, FLAC, OGG)`);
+    throw new Error(`${file.name}: attach an image (PNG, JPEG, WebP, GIF), audio (WAV, MP3, FLAC, OGG) or a video (MP4, WebM, MOV, MKV)`);
   }
   const data = base64Of(new Uint8Array(await file.arrayBuffer()));
-  return { kind, name: file.name, mime: mime || `audio/${audioFormat(mime, file.name)}`, data };
+  const type = kind === "video" ? video : mime || `audio/${audioFormat(mime, file.name)}`;
+  return { kind, name: file.name, mime: type, data };
 }
 
 export function contentPart(attachment) {
   if (attachment.kind === "image") {
     return { type: "image_url", image_url: { url: `data:${attachment.mime};base64,${attachment.data}` } };
+  }
+  if (attachment.kind === "video") {  // the server shows the model its frames, each after its time, then its sound
+    return { type: "video_url", video_url: { url: `data:${attachment.mime};base64,${attachment.data}` } };
   }
   return { type: "input_audio", input_audio: { data: attachment.data, format: audioFormat(attachment.mime, attachment.name) } };
 }
