@@ -49,8 +49,7 @@ def run_call(call: dict) -> str:
         return f"error: {type(exc).__name__}: {exc}"
 
 
-def answer(model, processor, question: str, max_steps: int, require_call: bool, **sampling) -> str:
-    today = date.today().isoformat()
+def answer(model, processor, question: str, max_steps: int, require_call: bool, today: str, **sampling) -> str:
     messages = [{"role": "system", "content": f"Today is {today}."}, {"role": "user", "content": question}]
     for step in range(max_steps):
         choice = "required" if require_call and step == 0 else "auto"
@@ -74,10 +73,12 @@ def main() -> None:
     parser.add_argument("--require-call", action="store_true", help="the first reply must call a function")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temp", type=float, help="sampling temperature (0 = greedy; default: the model's)")
+    parser.add_argument("--today", type=date.fromisoformat, default=date.today(), help="the date the model is told it is (YYYY-MM-DD; default: today)")
     args = parser.parse_args()
 
     model, processor = load(args.model)
-    print(answer(model, processor, args.question, args.max_steps, args.require_call, max_tokens=args.max_tokens, temperature=args.temp))
+    print(answer(model, processor, args.question, args.max_steps, args.require_call, args.today.isoformat(),
+                 max_tokens=args.max_tokens, temperature=args.temp))
 
 
 if __name__ == "__main__":
