@@ -59,10 +59,16 @@ def load_audio(source: str | Path | np.ndarray, sampling_rate: int = GEMMA3N_AUD
     any rate / depth / channel count, FLAC, MP3, OGG...) or from a 1-D float array already at that rate."""
     if isinstance(source, np.ndarray):
         return _checked_array(source, sampling_rate)
+    path = audio_file(source)
+    return decode_audio(str(path), f"audio file {path}", sampling_rate)
+
+
+def audio_file(source: str | Path) -> Path:
+    """The path of an audio file that exists (a one-line error otherwise)."""
     path = Path(source).expanduser()
     if not path.is_file():
         raise Gemma3nError(f"audio file {path} does not exist" if not path.exists() else f"{path} is not a file")
-    return decode_audio(str(path), f"audio file {path}", sampling_rate)
+    return path
 
 
 def decode_audio(file, name: str, sampling_rate: int = GEMMA3N_AUDIO.sampling_rate) -> np.ndarray:

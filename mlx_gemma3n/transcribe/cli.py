@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..command import command_parser
 from ..errors import Gemma3nError, run_command
+from ..inputs.audio_features import audio_duration, audio_file
 from .formats import FORMATS, Segment, render
 from .transcriber import DEFAULT_MAX_TOKENS, Task, Transcriber, open_transcriber
 
@@ -42,10 +43,7 @@ def checked(args: argparse.Namespace) -> list[Path]:
         raise Gemma3nError("--temperature must be 0 or more")
     if args.batch_size < 1 or args.max_tokens < 1:
         raise Gemma3nError("--batch-size and --max-tokens must be at least 1")
-    files = [Path(name).expanduser() for name in args.files]
-    for path in files:
-        if not path.is_file():
-            raise Gemma3nError(f"audio file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    files = [audio_file(name) for name in args.files]
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise Gemma3nError(f"--output-dir {args.output_dir} is not a folder")
     return files
@@ -81,8 +79,6 @@ class Progress:
 
 
 def transcribe_file(transcriber: Transcriber, path: Path, args: argparse.Namespace) -> Path:
-    from ..inputs.audio_features import audio_duration
-
     progress = Progress(path, audio_duration(str(path), f"audio file {path}"), args.quiet)
     segments: list[Segment] = []
     try:

@@ -6,7 +6,6 @@ alone. Segments come out in order as they finish; silent clips give none."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import queue
 import threading
 from collections import deque
@@ -18,10 +17,10 @@ import numpy as np
 
 from ..decoding.sampling import SamplingParams
 from ..errors import Gemma3nError
-from ..inputs.audio_features import read_audio_blocks
+from ..inputs.audio_features import audio_file, read_audio_blocks
 from ..inputs.audio_split import ClipSplitter, is_silent
 from ..server.engine import Engine, Job
-from ..server.requests import GenerationRequest
+from ..server.requests import GenerationRequest, media_digests
 from .formats import Segment
 from .prompts import answer_text, instruction
 
@@ -58,8 +57,8 @@ class Transcriber:
 
     def request(self, samples: np.ndarray) -> GenerationRequest:
         messages = [{"role": "user", "content": [{"type": "audio", "audio": samples}, {"type": "text", "text": self.text}]}]
-        digest = hashlib.sha256(samples.tobytes()).hexdigest()
-        return GenerationRequest(self.processor.prepare(messages), ((), (digest,)), self.task.max_tokens,
+        prompt = self.processor.prepare(messages)
+        return GenerationRequest(prompt, media_digests(prompt), self.task.max_tokens,
                                  SamplingParams(temperature=self.task.temperature), adapter=self.adapter)
 
     def submit(self, start: int, end: int, samples: np.ndarray) -> ClipJob:
@@ -121,9 +120,7 @@ class Transcriber:
 
     def transcribe(self, path: str | Path, stop: threading.Event | None = None) -> Iterator[Segment]:
         """The segments of an audio file of any length, read in blocks."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise Gemma3nError(f"audio file {path} does not exist" if not path.exists() else f"{path} is not a file")
+        path = audio_file(path)
         return self.segments(read_audio_blocks(str(path), f"audio file {path}", self.rate), stop)
 
 
