@@ -142,10 +142,11 @@ def test_private_media_is_fetched_only_when_allowed(target):
     assert target.paths == ["/cat.png"]
 
 
-def test_each_redirect_is_checked_again(target, monkeypatch):
-    """A name that passes the check once and then points home (rebinding, or a redirect to it): the
-    first connection is let through, the redirect's own connection is refused, the target never
-    sees the second request."""
+@pytest.mark.parametrize("redirect_host", ["flip.example", "127.0.0.1"])
+def test_each_redirect_is_checked_again(target, monkeypatch, redirect_host):
+    """A name that passes the check once and then points home (rebinding), or a redirect to another
+    host that is home: the first connection is let through, the redirect's own connection is refused,
+    the target never sees the second request."""
     real_lookup, real_check = media.socket.getaddrinfo, media.non_public
     monkeypatch.setattr(media.socket, "getaddrinfo", lambda host, port, **kw: real_lookup("127.0.0.1" if host == "flip.example" else host, port, **kw))
     checks = []
@@ -155,11 +156,25 @@ def test_each_redirect_is_checked_again(target, monkeypatch):
         return len(checks) > 1 and real_check(address)
 
     monkeypatch.setattr(media, "non_public", passes_once)
-    target.redirect_to = f"http://flip.example:{target.port}/cat.png"
+    target.redirect_to = f"http://{redirect_host}:{target.port}/cat.png"
     with pytest.raises(ApiError) as refused:
         image_from_url(f"http://flip.example:{target.port}/hop", "url", MediaLimits(allow_remote=True))
     assert "non-public" in refused.value.message
     assert target.paths == ["/hop"]
+
+
+def test_redirects_go_to_http_or_https_only(target):
+    """Across hosts when the addresses are allowed; never to ftp (urllib's own rule lets it through,
+    and no address check covers it)."""
+    allowed = MediaLimits(allow_remote=True, allow_private=True)
+    target.redirect_to = f"http://localhost:{target.port}/cat.png"
+    assert image_from_url(f"http://127.0.0.1:{target.port}/hop", "url", allowed).size == (32, 24)
+    assert target.paths == ["/hop", "/cat.png"]
+    target.redirect_to = f"ftp://127.0.0.1:{target.port}/cat.png"
+    with pytest.raises(ApiError) as refused:
+        image_from_url(f"http://127.0.0.1:{target.port}/hop", "url", allowed)
+    assert "redirect to ftp://" in refused.value.message and "http and https only" in refused.value.message
+    assert target.paths == ["/hop", "/cat.png", "/hop"]
 
 
 def test_a_decompression_bomb_is_refused_from_its_header(server, model_id):
