@@ -34,7 +34,7 @@ from reference import TINY_TEXT_A, build_checkpoint  # noqa: E402
 from mlx_gemma3n import load  # noqa: E402
 from mlx_gemma3n.convert import convert  # noqa: E402
 from mlx_gemma3n.generate import stream_generate  # noqa: E402
-from mlx_gemma3n.inputs.audio_features import load_audio  # noqa: E402
+from mlx_gemma3n.inputs.audio_files import load_audio  # noqa: E402
 from mlx_gemma3n.weights.quantization import TOWER_PREFIXES, is_quantizable  # noqa: E402
 
 GROUP_SIZE = 32

@@ -23,7 +23,8 @@ from mlx_gemma3n.architecture.audio import AudioEncoder
 from mlx_gemma3n.architecture.config import EmbedderConfig
 from mlx_gemma3n.architecture.multimodal import MultimodalEmbedder
 from mlx_gemma3n.errors import Gemma3nError
-from mlx_gemma3n.inputs.audio_features import GEMMA3N_AUDIO, MAX_SAMPLES, extract_features, load_audio, num_frames
+from mlx_gemma3n.inputs.audio_features import GEMMA3N_AUDIO, MAX_SAMPLES, extract_features, num_frames
+from mlx_gemma3n.inputs.audio_files import load_audio
 from mlx_gemma3n.inputs.processor import soft_token_count
 
 TOLERANCE = 1e-4

@@ -19,7 +19,8 @@ from reference import build_checkpoint, build_tokenizer, reference_greedy, refer
 
 from mlx_gemma3n import Gemma3nError, load
 from mlx_gemma3n.generate import prepare_prompt, stream_generate
-from mlx_gemma3n.inputs.audio_features import GEMMA3N_AUDIO, load_audio
+from mlx_gemma3n.inputs.audio_features import GEMMA3N_AUDIO
+from mlx_gemma3n.inputs.audio_files import load_audio
 from mlx_gemma3n.inputs.image import GEMMA3N_IMAGE
 from mlx_gemma3n.inputs.processor import Processor
 

@@ -22,7 +22,7 @@ import soundfile
 from openai import BadRequestError, OpenAI
 
 from mlx_gemma3n import generate, load
-from mlx_gemma3n.inputs.audio_features import decode_audio, read_audio_blocks
+from mlx_gemma3n.inputs.audio_files import decode_audio, read_audio_blocks
 from mlx_gemma3n.inputs.audio_split import ClipSplitter
 from mlx_gemma3n.transcribe.prompts import answer_text, instruction
 from mlx_gemma3n.transcribe.transcriber import DEFAULT_MAX_TOKENS

@@ -22,7 +22,8 @@ import pytest
 from mlx_gemma3n import generate, load
 from mlx_gemma3n.errors import Gemma3nError
 from mlx_gemma3n.generate import stream_generate
-from mlx_gemma3n.inputs.video import INSTALL_HINT, SoundTooLong, clock, load_video
+from mlx_gemma3n.inputs.av_media import INSTALL_HINT, SoundTooLong
+from mlx_gemma3n.inputs.video import clock, load_video
 from mlx_gemma3n.server.errors import ApiError
 from mlx_gemma3n.server.media import MediaLimits, video_from_url
 

@@ -23,7 +23,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..architecture.audio import AudioConfig
 from ..errors import Gemma3nError
-from .audio_features import GEMMA3N_AUDIO, AudioFeatureSettings, extract_features, load_audio, num_frames
+from .audio_features import GEMMA3N_AUDIO, AudioFeatureSettings, extract_features, num_frames
+from .audio_files import load_audio
 from .audio_split import split_points
 from .image import preprocess_image
 from .preprocessor_config import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, preprocessing_settings

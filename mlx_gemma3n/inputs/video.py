@@ -14,12 +14,11 @@ images, each after its time as text, then the sound as audio), for each frame
 then, when the video has sound, {"type": "audio", "audio": <its samples>} (cut into clips of at most 30 s
 like any audio part).
 
-PyAV (the `video` extra: it ships FFmpeg in its wheels) is imported only when a file is decoded.
+PyAV (the `video` extra: it ships FFmpeg in its wheels; av_media.py) is imported only when a file is decoded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import Gemma3nError
+from .av_media import SoundTooLong, opened, packets_end, pyav
 
-INSTALL_HINT = "video needs PyAV: pip install 'mlx-gemma3n[video]'"
 SAME_TIME = 1e-3  # seconds: frame times closer than this are the same time (float rounding of time bases)
 
 
@@ -83,10 +82,6 @@ def pick_frames(frames, times: list[float]) -> list[tuple[float, object]]:
     return chosen
 
 
-class SoundTooLong(Gemma3nError):
-    """A video's sound is longer than the caller takes (found while decoding, which then stops)."""
-
-
 def load_video(source, fps: float = 1.0, max_frames: int = 8, sampling_rate: int = 16_000,
                max_pixels: int | None = None, max_sound_seconds: float | None = None) -> Video:
     """The frames (sampled as the module's docstring says) and the sound of a video: a file path, the
@@ -121,25 +116,6 @@ def frames_of_array(frames: np.ndarray, fps: float, max_frames: int) -> list[tup
     return [(seconds, Image.fromarray(frame)) for seconds, frame in pick_frames(timed, sample_times(len(frames) / fps, fps, max_frames))]
 
 
-def pyav():
-    try:
-        import av
-    except ImportError:
-        raise Gemma3nError(INSTALL_HINT) from None
-    return av
-
-
-@contextlib.contextmanager
-def opened(opener, name: str):
-    """The PyAV container of the source, its errors as one-line Gemma3nErrors."""
-    av = pyav()
-    try:
-        with av.open(opener(), "r") as container:
-            yield container
-    except av.error.FFmpegError as exc:
-        raise Gemma3nError(f"cannot read {name}: {exc.strerror or exc}") from None
-
-
 def decode_frames(opener, name: str, fps: float, max_frames: int, max_pixels: int | None) -> list[tuple[float, Image.Image]]:
     """Decodes the first video stream from its start until the last frame sampled; only the sampled
     frames are converted and kept."""
@@ -169,16 +145,6 @@ def stream_duration(container, stream) -> float | None:
     if container.duration:
         return container.duration / 1_000_000  # AV_TIME_BASE
     return None
-
-
-def packets_end(container, stream) -> float:
-    """Where the stream's last packet ends, read from the packets alone (nothing decoded): for files
-    whose header gives no duration, such as a browser's WebM recordings."""
-    start, end = stream.start_time or 0, 0
-    for packet in container.demux(stream):
-        if packet.pts is not None:
-            end = max(end, packet.pts + (packet.duration or 0) - start)
-    return float(end * stream.time_base)
 
 
 def decode_sound(opener, name: str, sampling_rate: int, max_seconds: float | None = None) -> np.ndarray | None:

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..errors import Gemma3nError
-from ..inputs.audio_features import decode_audio
+from ..inputs.audio_files import decode_audio
 from ..inputs.image import load_image, open_image
-from ..inputs.video import SoundTooLong, Video, load_video
+from ..inputs.av_media import SoundTooLong
+from ..inputs.video import Video, load_video
 from .errors import ApiError, bad_request
 
 DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import Gemma3nError
-from ..inputs.audio_features import audio_duration, read_audio_blocks
+from ..inputs.audio_files import audio_duration, read_audio_blocks
 from ..transcribe.formats import Segment, render, transcript_text
 from ..transcribe.prompts import language_name
 from ..transcribe.transcriber import Task, Transcriber

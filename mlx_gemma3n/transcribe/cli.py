@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..command import command_parser
 from ..errors import Gemma3nError, run_command
-from ..inputs.audio_features import audio_duration, audio_file
+from ..inputs.audio_files import audio_duration, audio_file
 from .formats import FORMATS, Segment, render
 from .transcriber import DEFAULT_MAX_TOKENS, Task, Transcriber, open_transcriber
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..decoding.sampling import SamplingParams
 from ..errors import Gemma3nError
-from ..inputs.audio_features import audio_file, read_audio_blocks
+from ..inputs.audio_files import audio_file, read_audio_blocks
 from ..inputs.audio_split import ClipSplitter, is_silent
 from ..server.engine import Engine, Job
 from ..server.requests import GenerationRequest, media_digests
