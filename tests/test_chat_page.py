@@ -21,7 +21,7 @@ from playwright.sync_api import expect, sync_playwright
 from mlx_gemma3n import generate, load
 
 from helpers import running_server
-from videos import tone, write_video
+from videos import tone, write_sound, write_video
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 API_KEY = "page-key"
@@ -162,18 +162,25 @@ def test_an_attached_image_and_wav_give_the_apis_reply(page, loaded, tiny_media,
     expect(you.locator("audio")).to_have_count(1)
 
 
-def test_an_attached_video_gives_the_apis_reply(page, loaded, tmp_path):
-    """A video goes as a video_url part: the server shows the model its frames and sound, as the API does."""
-    clip = tmp_path / "clip.mp4"
-    write_video(clip, 3, 2, tone(3, 44100, [(0.5, 2.0)]))
+@pytest.mark.parametrize("kind", ["video", "audio"])
+def test_an_attached_video_or_voice_memo_gives_the_apis_reply(page, loaded, tiny_media, tmp_path, kind):
+    """A video goes as a video_url part (the server shows the model its frames and sound, as the API
+    does); an M4A (AAC, as Voice Memos saves) as an input_audio part, which the server decodes with FFmpeg."""
+    if kind == "video":
+        path = tmp_path / "clip.mp4"
+        write_video(path, 3, 2, tone(3, 44100, [(0.5, 2.0)]))
+    else:
+        path = tmp_path / "memo.m4a"
+        samples, rate = soundfile.read(tiny_media["audio"], dtype="float32")
+        write_sound(str(path), samples, rate, "aac", "mp4")
     set_options(page, max_tokens="10")
-    page.get_by_label("Attach", exact=True).set_input_files([clip])
-    expect(page.get_by_label("Attachments")).to_have_text("clip.mp4×")
+    page.get_by_label("Attach", exact=True).set_input_files([path])
+    expect(page.get_by_label("Attachments")).to_have_text(f"{path.name}×")
     send(page, "What happens?")
     _, source = last_reply(page)
-    messages = [{"role": "user", "content": [{"type": "video", "video": str(clip)}, {"type": "text", "text": "What happens?"}]}]
+    messages = [{"role": "user", "content": [{"type": kind, kind: str(path)}, {"type": "text", "text": "What happens?"}]}]
     assert source == greedy(loaded, messages, 10)
-    expect(page.get_by_role("group", name="You").locator("video")).to_have_count(1)
+    expect(page.get_by_role("group", name="You").locator(kind)).to_have_count(1)
 
 
 DROP_AND_PASTE = """async ([name, data]) => {

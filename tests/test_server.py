@@ -21,6 +21,7 @@ from mlx_gemma3n import load
 from mlx_gemma3n.generate import stream_generate
 
 from helpers import SERVER_STARTUP_DEADLINE_S, raw_http, running_server
+from videos import write_sound
 
 API_KEY = "test-key"
 MAX_REQUEST_BYTES = 1 << 20
@@ -76,8 +77,8 @@ def data_url(path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def audio_part(path) -> dict:
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(), "format": "wav"}}
+def audio_part(path, audio_format: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(), "format": audio_format}}
 
 
 def chat(client, model_id, messages, max_tokens, stream=False, **extra):
@@ -123,6 +124,18 @@ def test_image_data_url_and_input_audio_equal_the_api_on_the_same_files(client, 
         {"type": "text", "text": "What is this?"}]}]
     text, usage = chat(client, model_id, sent, 16)
     assert (text, usage.completion_tokens) == reference(loaded, local, 16)
+
+
+def test_m4a_and_webm_input_audio_equal_the_api_on_the_same_files(client, model_id, loaded, media, tmp_path):
+    """What libsndfile does not read (a Voice Memo's AAC, a browser's Opus recording), decoded by FFmpeg."""
+    samples, rate = soundfile.read(media[1], dtype="float32")
+    for audio_format, codec in (("m4a", "aac"), ("webm", "libopus")):
+        path = tmp_path / f"memo.{audio_format}"
+        write_sound(str(path), samples, rate, codec, "mp4" if audio_format == "m4a" else "webm")
+        sent = [{"role": "user", "content": [audio_part(path, audio_format), {"type": "text", "text": "What is this?"}]}]
+        local = [{"role": "user", "content": [{"type": "audio", "audio": str(path)}, {"type": "text", "text": "What is this?"}]}]
+        text, usage = chat(client, model_id, sent, 8)
+        assert (text, usage.completion_tokens) == reference(loaded, local, 8)
 
 
 def test_concurrent_clients_each_get_their_single_request_reply(client, model_id, loaded, media):
@@ -283,7 +296,13 @@ def test_media_caps(server, model_id, media, tmp_path):
     long_clip = tmp_path / "long.wav"
     soundfile.write(long_clip, np.zeros(16000 * 4, dtype=np.float32), 16000)
     response = post(server, "/v1/chat/completions", {"model": model_id, **user([audio_part(long_clip)])})
-    assert response.status_code == 413 and "at most 3 s of audio" in response.json()["error"]["message"]
+    error = response.json()["error"]  # decoding stops at the cap: a small file may hold hours
+    assert response.status_code == 413 and error["param"] == "messages[0].content[0].input_audio.data", error
+    assert error["message"].endswith("the wav file's sound is longer than 3 s (the server's --max-audio-seconds)"), error
+    soundfile.write(long_clip.with_name("two.wav"), np.zeros(16000 * 2, dtype=np.float32), 16000)
+    two = user([audio_part(long_clip.with_name("two.wav"))] * 2)
+    response = post(server, "/v1/chat/completions", {"model": model_id, **two})
+    assert response.status_code == 413 and "at most 3 s of audio" in response.json()["error"]["message"]  # the parts together
 
 
 def test_model_must_be_served_and_a_path_loads_nothing(server, client, checkpoint, model_id):

@@ -28,6 +28,7 @@ from mlx_gemma3n.transcribe.prompts import answer_text, instruction
 from mlx_gemma3n.transcribe.transcriber import DEFAULT_MAX_TOKENS
 
 from helpers import RATE, on_a_terminal, recording, running_server
+from videos import Unseekable, write_sound
 
 MAX_AUDIO_SECONDS = 120
 
@@ -184,6 +185,24 @@ def test_the_translation_endpoint_is_the_clis_translation(client, checkpoint, ta
         reply = client.audio.translations.create(model=checkpoint.name, file=file, response_format="verbose_json")
     assert reply.task == "translate" and reply.language == "english"
     assert [(s.start, s.end, s.text) for s in reply.segments] == [(s["start"], s["end"], s["text"]) for s in cli["segments"]]
+
+
+def test_a_browsers_webm_recording_through_the_openai_client_is_the_clis_transcript_of_it(client, checkpoint, tmp_path):
+    """WebM / Opus, as a page's MediaRecorder makes it (no duration in its header; FFmpeg decodes it),
+    uploaded as OpenAI's clients send it; its length for the cap comes from its packets."""
+    samples, _ = recording(45, 11)
+    recorder = Unseekable()
+    write_sound(recorder, samples, RATE, "libopus", "webm")
+    path = tmp_path / "voice.webm"
+    path.write_bytes(bytes(recorder.data))
+    transcribe(path, "--model", checkpoint, "--format", "json", "--output-dir", tmp_path)
+    cli = json.loads((tmp_path / "voice.json").read_text())
+    seconds = len(samples) / RATE
+    assert len(cli["segments"]) >= 2 and cli["segments"][-1]["end"] == pytest.approx(seconds, abs=0.05)
+    with path.open("rb") as file:
+        verbose = client.audio.transcriptions.create(model=checkpoint.name, file=file, response_format="verbose_json")
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [(s["start"], s["end"], s["text"]) for s in cli["segments"]]
+    assert verbose.duration == pytest.approx(seconds, abs=0.05)
 
 
 def test_silence_is_an_empty_transcript(checkpoint, client, tmp_path):

@@ -22,13 +22,14 @@ import pytest
 from mlx_gemma3n import generate, load
 from mlx_gemma3n.errors import Gemma3nError
 from mlx_gemma3n.generate import stream_generate
-from mlx_gemma3n.inputs.av_media import INSTALL_HINT, SoundTooLong
+from mlx_gemma3n.inputs.audio_files import SoundTooLong
+from mlx_gemma3n.inputs.av_media import INSTALL_HINT
 from mlx_gemma3n.inputs.video import clock, load_video
 from mlx_gemma3n.server.errors import ApiError
 from mlx_gemma3n.server.media import MediaLimits, video_from_url
 
 from helpers import running_server
-from videos import HEIGHT, PALETTE, WIDTH, tone, write_video
+from videos import HEIGHT, PALETTE, WIDTH, Unseekable, tone, write_video
 
 RATE = 16000
 COLOUR_TOLERANCE = 16  # lossy codecs move a solid colour by a few levels
@@ -103,18 +104,7 @@ def test_the_bytes_of_a_file_and_a_file_without_a_duration_in_its_header(videos)
     for (_, a), (_, b) in zip(from_path.frames, from_bytes.frames):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    class Stream(io.RawIOBase):  # not seekable: the muxer cannot go back to write the duration
-        def __init__(self):
-            self.data = bytearray()
-
-        def writable(self):
-            return True
-
-        def write(self, chunk):
-            self.data += chunk
-            return len(chunk)
-
-    stream = Stream()
+    stream = Unseekable()
     write_video(stream, 10, 2, tone(10, 48000, [(0, 10)]), rate=48000, codec="libvpx", audio_codec="libopus", container="webm")
     with av.open(io.BytesIO(bytes(stream.data))) as probe:
         assert probe.duration is None and probe.streams.video[0].duration is None

@@ -1,8 +1,9 @@
-"""Videos made in the tests with PyAV: frame i a solid colour of PALETTE (so a decoded frame tells
-which source frame it is), and tones at known times for the sound."""
+"""Videos and sound files made in the tests with PyAV: frame i a solid colour of PALETTE (so a decoded
+frame tells which source frame it is), and tones at known times for the sound."""
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 
 import av
@@ -45,3 +46,30 @@ def write_video(target, seconds: float, fps, sound: np.ndarray | None = None, *,
                 frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
                 out.mux(audio.encode(frame))
             out.mux(audio.encode())
+
+
+class Unseekable(io.RawIOBase):
+    """A file a muxer can only append to, as a browser's recorder writes: it cannot go back to put the
+    duration in the header."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, chunk):
+        self.data += chunk
+        return len(chunk)
+
+
+def write_sound(target, sound: np.ndarray, rate: int, codec: str, container: str) -> None:
+    """Mono `sound` at `rate`, encoded with `codec` into a sound-only `container` file (a path or a
+    writable file object)."""
+    with av.open(target, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        for start in range(0, sound.size, 1024):
+            frame = av.AudioFrame.from_ndarray(sound[None, start: start + 1024].copy(), format="flt", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())

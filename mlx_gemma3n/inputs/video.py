@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import Gemma3nError
-from .av_media import SoundTooLong, opened, packets_end, pyav
+from .audio_files import resampled
+from .av_media import opened, packets_end, sound_blocks, stream_duration
 
 SAME_TIME = 1e-3  # seconds: frame times closer than this are the same time (float rounding of time bases)
 
@@ -139,29 +140,11 @@ def decode_frames(opener, name: str, fps: float, max_frames: int, max_pixels: in
         return [(max(0.0, seconds), frame.to_image()) for seconds, frame in picked]
 
 
-def stream_duration(container, stream) -> float | None:
-    if stream.duration:
-        return float(stream.duration * stream.time_base)
-    if container.duration:
-        return container.duration / 1_000_000  # AV_TIME_BASE
-    return None
-
-
 def decode_sound(opener, name: str, sampling_rate: int, max_seconds: float | None = None) -> np.ndarray | None:
-    """The first audio stream at `sampling_rate`, its channels averaged (as `load_audio` mixes a file's:
-    FFmpeg's own mono downmix would weigh them by 1/sqrt(2)); None without one, or when it is empty."""
+    """The first audio stream at `sampling_rate`, as an audio file's sound is decoded (audio_files.py:
+    channels averaged, resampled by soxr); None without one, or when it is empty."""
     with opened(opener, name) as container:
         if not container.streams.audio:
             return None
-        resampler = pyav().AudioResampler(format="fltp", rate=sampling_rate)
-        blocks, decoded = [], 0
-        for frame in container.decode(container.streams.audio[0]):
-            blocks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(frame)]
-            decoded += frame.samples * sampling_rate / frame.sample_rate
-            if max_seconds is not None and decoded > max_seconds * sampling_rate:
-                raise SoundTooLong(f"{name}'s sound is longer than {max_seconds:g} s")
-        blocks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(None)]
-    samples = np.concatenate(blocks).astype(np.float32) if blocks else np.zeros(0, dtype=np.float32)
-    if not np.all(np.isfinite(samples)):
-        raise Gemma3nError(f"{name}'s sound holds non-finite samples")
-    return np.ascontiguousarray(samples) if samples.size else None
+        blocks = list(resampled(sound_blocks(container, container.streams.audio[0]), name, sampling_rate, max_seconds))
+    return np.concatenate(blocks) if blocks else None

@@ -24,16 +24,15 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..errors import Gemma3nError
-from ..inputs.audio_files import decode_audio
+from ..inputs.audio_files import SoundTooLong, decode_audio
 from ..inputs.image import load_image, open_image
-from ..inputs.av_media import SoundTooLong
 from ..inputs.video import Video, load_video
 from .errors import ApiError, bad_request
 
 DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
 IMAGE_MIME_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
 VIDEO_MIME_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/mpeg", "video/ogg", "video/x-msvideo")
-AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "m4a", "webm")  # the last two through FFmpeg (PyAV)
 
 
 @dataclass
@@ -93,10 +92,15 @@ def video_from_url(url: str, param: str, limits: MediaLimits, sampling_rate: int
     try:
         return load_video(data, limits.video_fps, limits.max_video_frames, sampling_rate, limits.max_image_pixels,
                           max_sound_seconds=limits.max_audio_seconds)
-    except SoundTooLong as exc:
-        raise ApiError(413, f"{param}: {exc} (the server's --max-audio-seconds)", param) from None
     except Gemma3nError as exc:
-        raise bad_request(f"{param}: {exc}", param) from None
+        raise media_error(exc, param) from None
+
+
+def media_error(error: Gemma3nError, param: str) -> ApiError:
+    """413 for sound past the server's limit (SoundTooLong), else 400; both naming `param`."""
+    if isinstance(error, SoundTooLong):
+        return ApiError(413, f"{param}: {error} (the server's --max-audio-seconds)", param)
+    return bad_request(f"{param}: {error}", param)
 
 
 class WebRedirects(urllib.request.HTTPRedirectHandler):
@@ -172,8 +176,9 @@ def fetch_remote(url: str, param: str, limits: MediaLimits) -> bytes:
     return data
 
 
-def audio_from_part(part: dict, param: str, sampling_rate: int):
-    """The mono samples of an `input_audio` part {data: base64, format: wav|mp3|flac|ogg}."""
+def audio_from_part(part: dict, param: str, sampling_rate: int, max_seconds: float):
+    """The mono samples of an `input_audio` part {data: base64, format: one of AUDIO_FORMATS}; decoding stops
+    past `max_seconds` (413)."""
     if not isinstance(part, dict):
         raise bad_request(f"{param} must be an object with 'data' and 'format'", param)
     audio_format, data = part.get("format"), part.get("data")
@@ -182,6 +187,6 @@ def audio_from_part(part: dict, param: str, sampling_rate: int):
     if not isinstance(data, str):
         raise bad_request(f"{param}.data must be a base64 string", f"{param}.data")
     try:
-        return decode_audio(io.BytesIO(decode_base64(data, f"{param}.data")), f"{param}.data ({audio_format})", sampling_rate)
+        return decode_audio(io.BytesIO(decode_base64(data, f"{param}.data")), f"the {audio_format} file", sampling_rate, max_seconds)
     except Gemma3nError as exc:
-        raise bad_request(str(exc), f"{param}.data") from None
+        raise media_error(exc, f"{param}.data") from None

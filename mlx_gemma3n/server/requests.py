@@ -175,7 +175,7 @@ def chat_content(content, param: str, role: str, context: RequestContext, counts
             count_images(counts, 1, where, limits)
             parts.append({"type": "image", "image": image_from_url(media_url(part, kind, where), f"{where}.image_url.url", limits)})
         elif kind == "input_audio":
-            samples = audio_from_part(part.get("input_audio"), f"{where}.input_audio", rate)
+            samples = audio_from_part(part.get("input_audio"), f"{where}.input_audio", rate, limits.max_audio_seconds)
             count_audio(counts, samples, rate, where, limits)
             parts.append({"type": "audio", "audio": samples})
         elif kind == "video_url":

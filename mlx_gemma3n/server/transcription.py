@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import Gemma3nError
-from ..inputs.audio_files import audio_duration, read_audio_blocks
+from ..inputs.audio_files import SoundTooLong, audio_duration, read_audio_blocks
 from ..transcribe.formats import Segment, render, transcript_text
 from ..transcribe.prompts import language_name
 from ..transcribe.transcriber import Task, Transcriber
@@ -31,6 +31,7 @@ TRANSLATION_FIELDS = {"file", "model", "prompt", "response_format", "temperature
 TRANSCRIPTION_FIELDS = TRANSLATION_FIELDS | {"language", "timestamp_granularities[]", "stream"}
 TRANSLATION_TARGET = "en"  # OpenAI's translations endpoint translates into English
 DISCONNECT_POLL_SECONDS = 0.5
+CODEC_PADDING_SECONDS = 1.0  # how far decoded sound may run past its header's length (encoder delay, padding)
 
 
 @dataclass
@@ -116,19 +117,26 @@ def parse_audio_form(form: FormData, context: RequestContext, translate: bool) -
     return AudioRequest(upload, duration, task, adapter, response_format, stream, translate)
 
 
-def upload_blocks(upload: UploadFile, sampling_rate: int):
-    """The upload's samples in blocks; the file is closed once read (or when reading stops)."""
+def upload_blocks(audio: AudioRequest, sampling_rate: int, max_seconds: float):
+    """The upload's samples in blocks, decoding stopped past `max_seconds` (the header said less, and
+    a file can lie); the file is closed once read (or when reading stops)."""
     try:
-        yield from read_audio_blocks(upload.file, "file", sampling_rate)
+        yield from read_audio_blocks(audio.upload.file, "file", sampling_rate, max_seconds=max_seconds)
     finally:
-        upload.file.close()
+        audio.upload.file.close()
 
 
-def collected(segments) -> list[Segment]:
+def upload_error(error: Gemma3nError, limit: float) -> ApiError:
+    if isinstance(error, SoundTooLong):  # its header said it was shorter
+        return ApiError(413, f"the recording runs past {limit:g} s, this server's --max-audio-seconds", "file")
+    return bad_request(str(error), "file")
+
+
+def collected(segments, limit: float) -> list[Segment]:
     try:
         return list(segments)
     except Gemma3nError as exc:
-        raise bad_request(str(exc), "file") from None
+        raise upload_error(exc, limit) from None
 
 
 def verbose(audio: AudioRequest, segments: list[Segment]) -> dict:
@@ -178,18 +186,19 @@ class AudioApi:
             raise
         transcriber = Transcriber(self.engine, self.context.processor, audio.task, audio.adapter)
         stop = threading.Event()
-        segments = transcriber.segments(upload_blocks(audio.upload, transcriber.rate), stop)
+        limit = self.context.limits.max_audio_seconds
+        segments = transcriber.segments(upload_blocks(audio, transcriber.rate, limit + CODEC_PADDING_SECONDS), stop)
         if audio.stream:
-            return StreamingResponse(self.events(segments, stop), media_type="text/event-stream")
+            return StreamingResponse(self.events(segments, stop, limit), media_type="text/event-stream")
         try:
-            return whole_response(audio, await self.until_done(request, segments))
+            return whole_response(audio, await self.until_done(request, segments, limit))
         finally:
             stop.set()
 
     @staticmethod
-    async def until_done(request: Request, segments) -> list[Segment]:
+    async def until_done(request: Request, segments, limit: float) -> list[Segment]:
         """All segments, transcribed in a worker thread; a client that goes away stops the work."""
-        work = asyncio.ensure_future(run_in_threadpool(collected, segments))
+        work = asyncio.ensure_future(run_in_threadpool(collected, segments, limit))
         while not work.done():
             await asyncio.wait({work}, timeout=DISCONNECT_POLL_SECONDS)
             if not work.done() and await request.is_disconnected():
@@ -197,7 +206,7 @@ class AudioApi:
         return work.result()
 
     @staticmethod
-    async def events(segments, stop: threading.Event):
+    async def events(segments, stop: threading.Event, limit: float):
         """OpenAI's transcript.text.delta events, a segment's text each, then transcript.text.done."""
         texts = []
         try:
@@ -206,6 +215,6 @@ class AudioApi:
                 yield sse({"type": "transcript.text.delta", "delta": segment.text if len(texts) == 1 else " " + segment.text})
             yield sse({"type": "transcript.text.done", "text": " ".join(texts)})
         except Gemma3nError as exc:
-            yield sse(bad_request(str(exc), "file").body())
+            yield sse(upload_error(exc, limit).body())
         finally:
             stop.set()

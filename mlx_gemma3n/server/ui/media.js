@@ -2,9 +2,11 @@
 // (encoded here as 16 kHz mono 16-bit WAV). An attachment is {kind, name, mime, data} with `data`
 // the file's bytes in base64; `contentPart` makes the OpenAI content part the server takes.
 
+// The input_audio formats the server takes (server/media.py), by MIME type or else the file's extension.
 const AUDIO_FORMATS = { "audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/mpeg": "mp3",
-  "audio/mp3": "mp3", "audio/flac": "flac", "audio/x-flac": "flac", "audio/ogg": "ogg" };
-const AUDIO_EXTENSIONS = ["wav", "mp3", "flac", "ogg"];
+  "audio/mp3": "mp3", "audio/flac": "flac", "audio/x-flac": "flac", "audio/ogg": "ogg", "audio/mp4": "m4a",
+  "audio/x-m4a": "m4a", "audio/m4a": "m4a", "audio/webm": "webm" };
+const AUDIO_EXTENSIONS = ["wav", "mp3", "flac", "ogg", "m4a"];
 // The video types the server takes (server/media.py), by the file's extension when the browser gives none.
 const VIDEO_TYPES = { mp4: "video/mp4", m4v: "video/mp4", webm: "video/webm", mov: "video/quicktime", mkv: "video/x-matroska" };
 const RECORDING_RATE = 16000;
@@ -26,10 +28,10 @@ function base64Of(bytes) {
 // The attachment of a File; throws an Error saying why a file cannot be attached.
 export async function attachmentOf(file) {
   const mime = file.type || "";
-  const video = mime.startsWith("video/") ? mime : VIDEO_TYPES[extension(file.name)];
+  const video = mime.startsWith("video/") ? mime : mime.startsWith("audio/") ? null : VIDEO_TYPES[extension(file.name)];
   const kind = mime.startsWith("image/") ? "image" : video ? "video" : audioFormat(mime, file.name) ? "audio" : null;
   if (!kind) {
-    throw new Error(`${file.name}: attach an image (PNG, JPEG, WebP, GIF), audio (WAV, MP3, FLAC, OGG) or a video (MP4, WebM, MOV, MKV)`);
+    throw new Error(`${file.name}: attach an image (PNG, JPEG, WebP, GIF), audio (WAV, MP3, FLAC, OGG, M4A) or a video (MP4, WebM, MOV, MKV)`);
   }
   const data = base64Of(new Uint8Array(await file.arrayBuffer()));
   const type = kind === "video" ? video : mime || `audio/${audioFormat(mime, file.name)}`;
