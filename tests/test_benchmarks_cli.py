@@ -1,7 +1,9 @@
 """The benchmark harness end to end on its CI-sized `tiny` shape (`python -m benchmarks --device cpu
 --quick`), the batched-step split (`python -m benchmarks.batched_step`), and the launch counter
 (`python -m benchmarks.launches`) on a graph whose kernels are known, and the server load
-(`python -m benchmarks.server_load`) against our server and mlx-lm's."""
+(`python -m benchmarks.server_load`) against our server and mlx-lm's, and the transcription benchmark
+(`python -m benchmarks.transcription`, ours only: mlx-vlm does not load the tiny towers) on the tiny
+multimodal checkpoint."""
 
 import math
 import re
@@ -89,3 +91,18 @@ def test_launch_table_has_a_row_per_runtime(tmp_path):
     for row in cells.values():
         kernels, primitives = int(row[3]), int(row[4])
         assert 0 < kernels <= primitives and "fast.rms_norm" in row[6]
+
+
+def test_transcription_benchmark_times_each_part_on_a_tiny_checkpoint(tiny_ckpt_256):
+    out = run_module(["benchmarks.transcription", "--model", str(tiny_ckpt_256.path), "--only", "ours", "--runs", "1",
+                      "--seconds", "40", "--tokens", "3", "--minutes", "0.5", "1", "--memory-tokens", "2"])
+    for label in ("ours, batch 4", "ours, batch 1"):
+        rtf, wall, cpu, clips, tokens = table_row(out, label)[:5]
+        assert float(rtf) > 0 and float(wall) > 0 and float(cpu) > 0 and int(clips) >= 2 and tokens == "3", out
+    for minutes in ("0.5 min", "1 min"):
+        row = table_row(out, minutes)
+        assert int(row[0]) >= 1 and all(float(value) > 0 for value in row[1:]), out
+    for label in ("audio encoder s", "prefill s (mlx-vlm: derived)", "decode tok/s", "clip total s"):
+        ours, peer, ratio = table_row(out, label)
+        assert float(ours) > 0 and peer == "-" and ratio == "-", (label, out)
+    assert "failed" not in out
