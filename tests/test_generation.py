@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import mlx.core as mx
 import pytest
 from helpers import prompt_ids
 from reference import EOS_IDS, reference_greedy

@@ -30,7 +30,6 @@ from test_multimodal import hf_processor, media  # noqa: F401 (fixtures)
 
 from mlx_gemma3n import Gemma3nError, load
 from mlx_gemma3n.adapters import LoRALinear
-from mlx_gemma3n.lora import main as lora_main
 from mlx_gemma3n.tuner import Tokenizer, Trainer, TrainingArgs, load_dataset, new_adapter, resumed_adapter
 
 TOLERANCE = 1e-4
