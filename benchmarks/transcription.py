@@ -97,7 +97,7 @@ def warm_up_clip() -> np.ndarray:
 
 def clips(path: str, max_samples: int):
     """(start, end, samples) of the clips ours cuts `path` into, read in blocks."""
-    from mlx_gemma3n.inputs.audio_features import read_audio_blocks
+    from mlx_gemma3n.inputs.audio_files import read_audio_blocks
     from mlx_gemma3n.inputs.audio_split import ClipSplitter
 
     splitter = ClipSplitter(RATE, max_samples)
