@@ -294,13 +294,13 @@ def source_locations(files: list[Path], config: ModelConfig) -> dict[str, Tensor
     locations = {}
     for file in files:
         data_start, header = read_header(file)
-        for hf_name in header:
-            name = our_name(hf_name, config)
+        for stored_name in header:
+            name = our_name(stored_name, config)
             if name is None:
                 continue
-            location = locate(file, hf_name, data_start, header)
+            location = locate(file, stored_name, data_start, header)
             if location is None:
-                raise Gemma3nError(f"{file}: tensor {hf_name} has dtype {header[hf_name]['dtype']}, not a float or packed type")
+                raise Gemma3nError(f"{file}: tensor {stored_name} has dtype {header[stored_name]['dtype']}, not a float or packed type")
             locations[name] = location
     return locations
 
