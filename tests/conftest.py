@@ -110,6 +110,14 @@ def tiny_ckpt_256(tmp_path_factory) -> TinyCheckpoint:
 
 
 @pytest.fixture(scope="session")
+def tiny_256_loaded(tiny_ckpt_256):
+    """Our model and processor of tiny_ckpt_256, loaded once for the modules that only read them."""
+    from mlx_gemma3n import load
+
+    return load(tiny_ckpt_256.path)
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt_text_only(tmp_path_factory) -> TinyCheckpoint:
     from reference import TINY_TEXT_B
 

@@ -18,7 +18,6 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from mlx_gemma3n import load
 from mlx_gemma3n.decoding.grammar import BUILT, Grammars
 from mlx_gemma3n.decoding.tool_prompt import tool_messages
 from mlx_gemma3n.decoding.tools import CallStream, ToolChoice, call_schema, parse_calls, read_tools
@@ -202,11 +201,6 @@ def checkpoint(tiny_ckpt_256):
     return tiny_ckpt_256.path
 
 
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    return load(checkpoint)
-
-
 def test_a_metaspace_tokenizer_gets_the_table_llguidance_reads_from_the_same_vocabulary(checkpoint, tmp_path):
     import llguidance
 
@@ -226,8 +220,8 @@ def test_a_metaspace_tokenizer_gets_the_table_llguidance_reads_from_the_same_voc
         assert ours.decode_bytes([token]) == theirs.decode_bytes([token]), token
 
 
-def test_without_llguidance_asking_for_tools_says_what_to_install(loaded, monkeypatch):
-    model, processor = loaded
+def test_without_llguidance_asking_for_tools_says_what_to_install(tiny_256_loaded, monkeypatch):
+    model, processor = tiny_256_loaded
     BUILT.pop(processor, None)
     monkeypatch.setitem(sys.modules, "llguidance", None)
     with pytest.raises(Gemma3nError, match="pip install llguidance"):
@@ -241,8 +235,8 @@ PROMPTS = ["What's the weather in Oslo?", "Book a table for two", "What time is 
 
 
 @pytest.mark.parametrize("choice", ["required", "named", "auto"])
-def test_every_call_validates_at_temperature_one(loaded, choice):
-    model, processor = loaded
+def test_every_call_validates_at_temperature_one(tiny_256_loaded, choice):
+    model, processor = tiny_256_loaded
     tool_choice = NAMED if choice == "named" else choice
     finished = 0
     for seed in range(12):
@@ -259,8 +253,8 @@ def test_every_call_validates_at_temperature_one(loaded, choice):
     assert finished >= (8 if choice != "auto" else 0), finished
 
 
-def test_parallel_tool_calls_false_gives_at_most_one_call(loaded):
-    model, processor = loaded
+def test_parallel_tool_calls_false_gives_at_most_one_call(tiny_256_loaded):
+    model, processor = tiny_256_loaded
     counts = []
     for parallel in (True, False):
         for seed in range(8):
@@ -274,8 +268,8 @@ def test_parallel_tool_calls_false_gives_at_most_one_call(loaded):
     assert max(n for parallel, n in counts if parallel) > 1  # the same weights do chain calls when allowed
 
 
-def test_response_format_works_in_the_python_api(loaded):
-    model, processor = loaded
+def test_response_format_works_in_the_python_api(tiny_256_loaded):
+    model, processor = tiny_256_loaded
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["ok", "n"], "additionalProperties": False}
     for seed in range(4):
@@ -329,7 +323,7 @@ def streamed(client, checkpoint, **request):
 
 
 @pytest.mark.parametrize("tool_choice", ["required", NAMED, "auto"])
-def test_server_calls_validate_and_stream_as_they_come_whole(client, checkpoint, loaded, tool_choice):
+def test_server_calls_validate_and_stream_as_they_come_whole(client, checkpoint, tiny_256_loaded, tool_choice):
     request = dict(messages=[{"role": "user", "content": "Book it"}], tools=TOOLS, tool_choice=tool_choice, max_tokens=120)
     for seed in range(3):
         reply = client.chat.completions.create(model=checkpoint.name, temperature=1.0, seed=seed, **request)
@@ -341,13 +335,13 @@ def test_server_calls_validate_and_stream_as_they_come_whole(client, checkpoint,
     content, calls, finish = streamed(client, checkpoint, temperature=0, **request)
     assert (content or None, names_and_arguments(calls), finish) == (whole.message.content, names_and_arguments(whole.message.tool_calls),
                                                                     whole.finish_reason)
-    api = generate(*loaded, request["messages"], 120, tools=TOOLS, tool_choice=tool_choice, temperature=0)
+    api = generate(*tiny_256_loaded, request["messages"], 120, tools=TOOLS, tool_choice=tool_choice, temperature=0)
     assert (api.content, names_and_arguments(api.tool_calls), api.finish_reason) == (
         whole.message.content, names_and_arguments(whole.message.tool_calls), whole.finish_reason)
 
 
-def test_a_tool_result_in_the_history_reaches_the_prompt(client, checkpoint, loaded):
-    model, processor = loaded
+def test_a_tool_result_in_the_history_reaches_the_prompt(client, checkpoint, tiny_256_loaded):
+    model, processor = tiny_256_loaded
     first = client.chat.completions.create(model=checkpoint.name, messages=[{"role": "user", "content": "Time?"}], tools=[CLOCK],
                                            tool_choice="required", parallel_tool_calls=False, max_tokens=60, temperature=0)
     message = first.choices[0].message
@@ -367,8 +361,8 @@ def test_a_tool_result_in_the_history_reaches_the_prompt(client, checkpoint, loa
     assert usages[1] > usages[0]
 
 
-def test_rows_with_tools_a_schema_and_neither_batch_together(client, checkpoint, loaded):
-    model, processor = loaded
+def test_rows_with_tools_a_schema_and_neither_batch_together(client, checkpoint, tiny_256_loaded):
+    model, processor = tiny_256_loaded
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     kinds = [dict(tools=TOOLS, tool_choice="required"), dict(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}), {}]
     cases = [(f"request {i} about cats", kinds[i % 3]) for i in range(9)]

@@ -22,7 +22,7 @@ import soundfile
 import soxr
 from openai import BadRequestError, OpenAI
 
-from mlx_gemma3n import generate, load
+from mlx_gemma3n import generate
 from mlx_gemma3n.inputs.audio_files import decode_audio, read_audio_blocks
 from mlx_gemma3n.inputs.audio_split import ClipSplitter
 from mlx_gemma3n.transcribe.prompts import answer_text, instruction
@@ -37,11 +37,6 @@ MAX_AUDIO_SECONDS = 120
 @pytest.fixture(scope="module")
 def checkpoint(tiny_ckpt_256):
     return tiny_ckpt_256.path
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    return load(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +87,8 @@ def cues(text: str, header: str) -> list[dict]:
     return found
 
 
-def test_the_formats_hold_the_same_segments_cut_where_the_processor_cuts(transcripts, loaded, talk):
-    _, processor = loaded
+def test_the_formats_hold_the_same_segments_cut_where_the_processor_cuts(transcripts, tiny_256_loaded, talk):
+    _, processor = tiny_256_loaded
     body = json.loads(transcripts["json"])
     segments = body["segments"]
     samples = decode_audio(str(talk), "talk")
@@ -122,9 +117,9 @@ def test_a_terminal_shows_the_audio_seconds_done_and_the_real_time_factor(checkp
     assert "real time" not in piped.stderr and "wrote" in piped.stderr
 
 
-def test_each_clip_of_a_batch_is_its_text_transcribed_alone(transcripts, loaded, talk):
+def test_each_clip_of_a_batch_is_its_text_transcribed_alone(transcripts, tiny_256_loaded, talk):
     """Greedy, 4 clips decoding together: each clip's text is the single-request API's for that clip."""
-    model, processor = loaded
+    model, processor = tiny_256_loaded
     samples = decode_audio(str(talk), "talk")
     expected = []
     for start, end in processor.split_audio(samples):
@@ -134,8 +129,8 @@ def test_each_clip_of_a_batch_is_its_text_transcribed_alone(transcripts, loaded,
     assert [s["text"] for s in json.loads(transcripts["json"])["segments"]] == expected
 
 
-def test_the_file_is_read_in_blocks_and_cut_as_the_whole_array_is(talk, loaded):
-    _, processor = loaded
+def test_the_file_is_read_in_blocks_and_cut_as_the_whole_array_is(talk, tiny_256_loaded):
+    _, processor = tiny_256_loaded
     blocks = list(read_audio_blocks(str(talk), "talk", RATE, block_seconds=7.0))
     assert max(len(b) for b in blocks) <= 7.1 * RATE  # never the whole file at once (the resampler carries a few ms over)
     whole = decode_audio(str(talk), "talk")
