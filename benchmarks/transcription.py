@@ -1,7 +1,8 @@
 """Transcription on `small-mm` (bf16): speed as a real-time factor, peak memory by recording length,
-and where one clip's time goes; ours (`mlx_gemma3n.transcribe`) beside mlx-vlm.
+where one clip's time goes, ours (`mlx_gemma3n.transcribe`) beside mlx-vlm; and ours' encoder passes
+one clip at a time against padded together.
 
-    python -m benchmarks.transcription [--quick] [--parts speed,memory,clip] [--runs 3] [--seconds 120]
+    python -m benchmarks.transcription [--quick] [--parts speed,memory,clip,encoder] [--runs 3] [--seconds 120]
                                        [--tokens 80] [--minutes 1 10 60] [--memory-tokens 4] [--model DIR]
 
 The recordings are generated (`speech_like`: voiced, pitch-wavering bursts of 1.5-9 s, each followed
@@ -30,6 +31,9 @@ them at once for ours, so each batch size's decode trace is compiled before the 
   the first (greedy, one `mx.eval` per token). mlx-vlm: preprocessing (`prepare_inputs`), the encoder
   (`get_audio_features`, as runners/mlxvlm.py times it), time to first token and decode from one
   `stream_generate`; its prefill is time to first token - preprocessing - encoder (it runs both again).
+- encoder: ours, the audio tower on the recording's first 4 clips, one pass each (as the engine runs
+  them) against one pass of the 4 padded to the longest and masked; interleaved in one process, --runs
+  rounds after an untimed one; whether each clip's encodings in the padded pass equal its own pass's.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ RATE = 16000
 WARM_UP_SECONDS = 2.0
 RUNTIMES = ("ours", "mlx-vlm")
 SPEED_RUNS = (("ours", 4), ("ours", 1), ("mlx-vlm", 1))  # (runtime, batch size)
+ENCODER_BATCH = 4
 
 
 def speech_like(seconds: float, seed: int = 0):
@@ -271,8 +276,44 @@ def mlxvlm_clip(job: dict) -> dict:
     return dict(one_pass(samples), clip_s=len(samples) / RATE)
 
 
+def ours_encoder(job: dict) -> dict:
+    import mlx.core as mx
+
+    from mlx_gemma3n import load
+
+    model, processor = load(job["model"])
+    tower = model.tower("audio_tower")
+    found = list(itertools.islice(clips(job["audio"], processor.max_clip_samples), ENCODER_BATCH))
+    features = [processor.audio_features(samples) for _, _, samples in found]
+    longest = max(len(mask) for _, mask in features)
+    padded = np.zeros((len(features), longest, features[0][0].shape[1]), np.float32)
+    padded_mask = np.zeros((len(features), longest), bool)
+    for row, (feature, mask) in enumerate(features):
+        padded[row, : len(mask)], padded_mask[row, : len(mask)] = feature, mask
+
+    def one_at_a_time() -> list[mx.array]:
+        encoded = [tower(mx.array(feature)[None], mx.array(mask)[None])[0][0] for feature, mask in features]
+        mx.eval(encoded)
+        return encoded
+
+    def padded_pass() -> mx.array:
+        encoded = tower(mx.array(padded), mx.array(padded_mask))[0]
+        mx.eval(encoded)
+        return encoded
+
+    alone, batched = one_at_a_time(), padded_pass()
+    equal = all(mx.array_equal(a, batched[row, : a.shape[0]]).item() for row, a in enumerate(alone))
+    times = {"alone_s": [], "padded_s": []}
+    for _ in range(job["runs"]):
+        for key, run in (("alone_s", one_at_a_time), ("padded_s", padded_pass)):
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    return dict(times, clips_s=[samples.size / RATE for _, _, samples in found], equal=equal)
+
+
 WORKERS = {"ours-transcribe": ours_transcribe, "mlx-vlm-transcribe": mlxvlm_transcribe,
-           "ours-clip": ours_clip, "mlx-vlm-clip": mlxvlm_clip}
+           "ours-clip": ours_clip, "mlx-vlm-clip": mlxvlm_clip, "ours-encoder": ours_encoder}
 
 
 def worker(job: dict) -> None:
@@ -362,6 +403,17 @@ def clip_table(results: dict[str, list[dict]]) -> list[str]:
     return lines + errors(results)
 
 
+def encoder_table(result: dict) -> list[str]:
+    if "error" in result:
+        return errors({"encoder": [result]})
+    alone, padded = (summary(result[key]) for key in ("alone_s", "padded_s"))
+    audio, padded_audio = sum(result["clips_s"]), len(result["clips_s"]) * max(result["clips_s"])
+    return ["| clips | audio s | padded audio s | one pass each s | one padded pass s | padded / each | encodings equal |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| {' + '.join(f'{seconds:.1f}' for seconds in result['clips_s'])} | {audio:.1f} | {padded_audio:.1f} | {alone[1]} | {padded[1]} | "
+            f"{ratio(padded[0], alone[0])} | {result['equal']} |"]
+
+
 # --- the parts ---
 
 
@@ -390,14 +442,19 @@ def clip(args, common: dict) -> list[str]:
     return f"Where one clip's time goes: the recording's first clip, {args.tokens} tokens", clip_table(results), results
 
 
-PARTS = {"speed": speed, "memory": memory_part, "clip": clip}
+def encoder(args, common: dict) -> list[str]:
+    result = fresh(worker="ours-encoder", audio=str(recording(args.seconds)), runs=args.runs, **common)
+    return f"Encoder passes: {ENCODER_BATCH} clips one at a time or padded into one", encoder_table(result), result
+
+
+PARTS = {"speed": speed, "memory": memory_part, "clip": clip, "encoder": encoder}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.transcription", description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="speed,memory,clip", help="comma-separated subset of speed,memory,clip")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of speed,memory,clip,encoder")
     parser.add_argument("--quick", action="store_true", help="1 run, a 60 s recording, memory at 1 and 2 minutes")
-    parser.add_argument("--runs", type=int, default=3, help="runs per runtime (speed, clip), interleaved")
+    parser.add_argument("--runs", type=int, default=3, help="runs per runtime (speed, clip), interleaved; rounds (encoder)")
     parser.add_argument("--seconds", type=float, default=120, help="the speed recording's length")
     parser.add_argument("--tokens", type=int, default=80,
                         help="tokens per clip (speed, clip); 80: about what 25 s of speech at 150 words a minute gives")

@@ -105,4 +105,7 @@ def test_transcription_benchmark_times_each_part_on_a_tiny_checkpoint(tiny_ckpt_
     for label in ("audio encoder s", "prefill s (mlx-vlm: derived)", "decode tok/s", "clip total s"):
         ours, peer, ratio = table_row(out, label)
         assert float(ours) > 0 and peer == "-" and ratio == "-", (label, out)
+    row = out.split("| one padded pass s |")[1].split("\n")[2].strip("| ").split(" | ")
+    assert len(row[0].split(" + ")) == 2 and float(row[1]) == 40 and float(row[2]) >= float(row[1]), out
+    assert float(row[3]) > 0 and float(row[4]) > 0 and row[6] == "True", out
     assert "failed" not in out
