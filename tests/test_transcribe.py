@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -23,8 +24,9 @@ import soxr
 from openai import BadRequestError, OpenAI
 
 from mlx_gemma3n import generate
-from mlx_gemma3n.inputs.audio_files import decode_audio, read_audio_blocks
+from mlx_gemma3n.inputs.audio_files import SoundTooLong, decode_audio, read_audio_blocks
 from mlx_gemma3n.inputs.audio_split import ClipSplitter
+from mlx_gemma3n.server.transcription import upload_blocks, upload_error
 from mlx_gemma3n.transcribe.prompts import answer_text, instruction
 from mlx_gemma3n.transcribe.transcriber import DEFAULT_MAX_TOKENS
 
@@ -271,3 +273,17 @@ def test_bad_uploads_get_the_status_that_names_the_problem(server, client, check
             client.audio.transcriptions.create(model=checkpoint.name, file=file, response_format="verbose_json",
                                                timestamp_granularities=["word"])
     assert httpx.get(f"{server}/health", timeout=60).status_code == 200
+
+
+def test_an_upload_whose_sound_runs_past_its_header_stops_decoding_at_the_limit(tmp_path):
+    """The header check comes first; decoding stops too, in case a file's header says less than it holds."""
+    path = tmp_path / "five.wav"
+    soundfile.write(path, np.zeros(5 * RATE, dtype=np.float32), RATE)
+    with path.open("rb") as file:
+        blocks = upload_blocks(SimpleNamespace(upload=SimpleNamespace(file=file)), RATE, limit=2)
+        with pytest.raises(SoundTooLong) as refused:
+            list(blocks)
+        assert file.closed
+    error = upload_error(refused.value)
+    assert (error.status, error.param) == (413, "file")
+    assert error.message == "the recording runs past 2 s, this server's --max-audio-seconds"

@@ -39,13 +39,17 @@ def write_video(target, seconds: float, fps, sound: np.ndarray | None = None, *,
             out.mux(video.encode(frame))
         out.mux(video.encode())
         if audio is not None:
-            block = 1024
-            for start in range(0, sound.size, block):
-                chunk = np.repeat(sound[start: start + block], channels)[None, :]
-                frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono" if channels == 1 else "stereo")
-                frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-                out.mux(audio.encode(frame))
-            out.mux(audio.encode())
+            mux_sound(out, audio, sound, rate, channels)
+
+
+def mux_sound(out, stream, sound: np.ndarray, rate: int, channels: int = 1) -> None:
+    """Mono `sound` at `rate` encoded into `stream` of `out`, on `channels` identical channels."""
+    for start in range(0, sound.size, 1024):
+        chunk = np.repeat(sound[start: start + 1024], channels)[None, :]
+        frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono" if channels == 1 else "stereo")
+        frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode())
 
 
 class Unseekable(io.RawIOBase):
@@ -67,9 +71,4 @@ def write_sound(target, sound: np.ndarray, rate: int, codec: str, container: str
     """Mono `sound` at `rate`, encoded with `codec` into a sound-only `container` file (a path or a
     writable file object)."""
     with av.open(target, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        for start in range(0, sound.size, 1024):
-            frame = av.AudioFrame.from_ndarray(sound[None, start: start + 1024].copy(), format="flt", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+        mux_sound(out, out.add_stream(codec, rate=rate, layout="mono"), sound, rate)

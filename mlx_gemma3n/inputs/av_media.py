@@ -59,7 +59,7 @@ def media_duration(container, stream) -> float:
     return packets_end(container, stream) if duration is None else duration
 
 
-def sound_blocks(container, stream, block_seconds: float = 10.0) -> Iterator[tuple[int, np.ndarray]]:
+def sound_blocks(container, stream, block_seconds: float) -> Iterator[tuple[int, np.ndarray]]:
     """A sound stream decoded as (rate, mono float32 samples) blocks of about `block_seconds` at the
     stream's own rate, its channels averaged."""
     to_float = pyav().AudioResampler(format="fltp", rate=stream.rate or None)  # planar float, one rate throughout

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import Gemma3nError
-from .audio_files import resampled
+from .audio_files import BLOCK_SECONDS, resampled
 from .av_media import opened, packets_end, sound_blocks, stream_duration
 
 SAME_TIME = 1e-3  # seconds: frame times closer than this are the same time (float rounding of time bases)
@@ -146,5 +146,5 @@ def decode_sound(opener, name: str, sampling_rate: int, max_seconds: float | Non
     with opened(opener, name) as container:
         if not container.streams.audio:
             return None
-        blocks = list(resampled(sound_blocks(container, container.streams.audio[0]), name, sampling_rate, max_seconds))
+        blocks = list(resampled(sound_blocks(container, container.streams.audio[0], BLOCK_SECONDS), name, sampling_rate, max_seconds))
     return np.concatenate(blocks) if blocks else None

@@ -117,26 +117,26 @@ def parse_audio_form(form: FormData, context: RequestContext, translate: bool) -
     return AudioRequest(upload, duration, task, adapter, response_format, stream, translate)
 
 
-def upload_blocks(audio: AudioRequest, sampling_rate: int, max_seconds: float):
-    """The upload's samples in blocks, decoding stopped past `max_seconds` (the header said less, and
-    a file can lie); the file is closed once read (or when reading stops)."""
+def upload_blocks(audio: AudioRequest, sampling_rate: int, limit: float):
+    """The upload's samples in blocks, decoding stopped past `limit` (the header said less, and a file
+    can lie); the file is closed once read (or when reading stops)."""
     try:
-        yield from read_audio_blocks(audio.upload.file, "file", sampling_rate, max_seconds=max_seconds)
+        yield from read_audio_blocks(audio.upload.file, "file", sampling_rate, max_seconds=limit + CODEC_PADDING_SECONDS)
+    except SoundTooLong:
+        raise SoundTooLong(f"the recording runs past {limit:g} s, this server's --max-audio-seconds") from None
     finally:
         audio.upload.file.close()
 
 
-def upload_error(error: Gemma3nError, limit: float) -> ApiError:
-    if isinstance(error, SoundTooLong):  # its header said it was shorter
-        return ApiError(413, f"the recording runs past {limit:g} s, this server's --max-audio-seconds", "file")
-    return bad_request(str(error), "file")
+def upload_error(error: Gemma3nError) -> ApiError:
+    return ApiError(413 if isinstance(error, SoundTooLong) else 400, str(error), "file")
 
 
-def collected(segments, limit: float) -> list[Segment]:
+def collected(segments) -> list[Segment]:
     try:
         return list(segments)
     except Gemma3nError as exc:
-        raise upload_error(exc, limit) from None
+        raise upload_error(exc) from None
 
 
 def verbose(audio: AudioRequest, segments: list[Segment]) -> dict:
@@ -186,19 +186,18 @@ class AudioApi:
             raise
         transcriber = Transcriber(self.engine, self.context.processor, audio.task, audio.adapter)
         stop = threading.Event()
-        limit = self.context.limits.max_audio_seconds
-        segments = transcriber.segments(upload_blocks(audio, transcriber.rate, limit + CODEC_PADDING_SECONDS), stop)
+        segments = transcriber.segments(upload_blocks(audio, transcriber.rate, self.context.limits.max_audio_seconds), stop)
         if audio.stream:
-            return StreamingResponse(self.events(segments, stop, limit), media_type="text/event-stream")
+            return StreamingResponse(self.events(segments, stop), media_type="text/event-stream")
         try:
-            return whole_response(audio, await self.until_done(request, segments, limit))
+            return whole_response(audio, await self.until_done(request, segments))
         finally:
             stop.set()
 
     @staticmethod
-    async def until_done(request: Request, segments, limit: float) -> list[Segment]:
+    async def until_done(request: Request, segments) -> list[Segment]:
         """All segments, transcribed in a worker thread; a client that goes away stops the work."""
-        work = asyncio.ensure_future(run_in_threadpool(collected, segments, limit))
+        work = asyncio.ensure_future(run_in_threadpool(collected, segments))
         while not work.done():
             await asyncio.wait({work}, timeout=DISCONNECT_POLL_SECONDS)
             if not work.done() and await request.is_disconnected():
@@ -206,7 +205,7 @@ class AudioApi:
         return work.result()
 
     @staticmethod
-    async def events(segments, stop: threading.Event, limit: float):
+    async def events(segments, stop: threading.Event):
         """OpenAI's transcript.text.delta events, a segment's text each, then transcript.text.done."""
         texts = []
         try:
@@ -215,6 +214,6 @@ class AudioApi:
                 yield sse({"type": "transcript.text.delta", "delta": segment.text if len(texts) == 1 else " " + segment.text})
             yield sse({"type": "transcript.text.done", "text": " ".join(texts)})
         except Gemma3nError as exc:
-            yield sse(upload_error(exc, limit).body())
+            yield sse(upload_error(exc).body())
         finally:
             stop.set()
